@@ -1,0 +1,127 @@
+"""The ``surgery`` command: argument parsing and printing only; the work is in the Python API.
+
+Every error of ours (:class:`~surgery.errors.SurgeryError`) becomes one line on stderr and exit status 2.
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from surgery.errors import RecipeError, SurgeryError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so usage errors print one line like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise RecipeError(f"{self.prog}: {message} (see --help)")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe file, or the name of a built-in recipe (surgery recipes lists them)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. optim.lr=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = _Parser(prog="surgery", description="Recipe-driven model surgery for timm backbones.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("plan", help="show what a recipe freezes, trains and at which lr, without any compute")
+    _add_recipe_args(p)
+    p.add_argument("--model", help="model reference, overriding model.name")
+    p.add_argument("--num-classes", type=int, help="number of classes of every new head (adds heads.classifier)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of recipe files")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _split_overrides(items: Sequence[str]) -> list[str]:
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"argument {item!r}: expected key=value after the recipe (e.g. optim.lr=1e-4)")
+    return list(items)
+
+
+def load_cli_recipe(recipe: str, overrides: Sequence[str], *, model: str | None = None, num_classes: int | None = None):
+    """Load a recipe with the command line's overrides, ``--model`` and ``--num-classes`` folded in."""
+    from surgery.recipe import load_recipe
+
+    extra = _split_overrides(overrides)
+    if model:
+        extra.append(f"model.name={model}")
+    loaded = load_recipe(recipe, extra)
+    if num_classes is not None:
+        if num_classes < 1:
+            raise RecipeError(f"--num-classes: must be at least 1, got {num_classes}")
+        keys = list(loaded.surgery.heads) or ["classifier"]
+        loaded = load_recipe(recipe, [*extra, *(f"surgery.heads.{k}.num_classes={num_classes}" for k in keys)])
+    return loaded
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from surgery.models import build_model
+    from surgery.plan import plan
+
+    recipe = load_cli_recipe(args.recipe, args.overrides, model=args.model, num_classes=args.num_classes)
+    if recipe.model is None:
+        raise RecipeError(f"{recipe.source}: the recipe has no model: add model.name to it or pass --model NAME")
+    model = build_model(recipe.model, meta=True, recipe_dir=Path(recipe.source).parent, where=recipe.where("model"))
+    result = plan(model, recipe)
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from surgery.schema import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from surgery.recipe import builtin_recipes
+
+    for name, path in sorted(builtin_recipes().items()):
+        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{name:16} {first}")
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "schema": cmd_schema, "recipes": cmd_recipes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except SurgeryError as err:
+        if debug:
+            raise
+        print(f"surgery: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("surgery: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - never a traceback for the user; --debug shows it
+        if debug:
+            raise
+        print(f"surgery: internal error: {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr)
+        return 1

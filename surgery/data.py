@@ -1,0 +1,351 @@
+"""Image-folder data for training: fail-fast validation, timm transforms and timm datasets.
+
+Layout: ``<root>/<train_dir>/<class>/*.png|jpg|jpeg`` and the same class folders under ``<root>/<val_dir>/``.
+Everything heavy is timm's: the preprocessing comes from the model's ``pretrained_cfg`` through
+``timm.data.resolve_data_config`` + ``timm.data.create_transform``, and the datasets are ``timm.data.ImageDataset``.
+This module only adds the checks a user needs *before* a run starts and a stable class order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from timm.data import ImageDataset, create_transform, resolve_data_config
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.readers.reader import Reader
+
+from surgery.errors import DataError
+
+__all__ = [
+    "AUGMENT_PRESETS",
+    "FolderReport",
+    "build_image_datasets",
+    "build_transforms",
+    "is_deterministic_transform",
+    "resolve_data_cfg",
+    "validate_image_folders",
+]
+
+# Augmentation strength -> extra kwargs for ``timm.data.create_transform(is_training=True)``.
+# "none" is timm's no-aug train pipeline (resize + center crop), the only deterministic one.
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"no_aug": True},
+    "light": {"scale": (0.6, 1.0), "hflip": 0.5, "color_jitter": None},
+    "strong": {"scale": (0.08, 1.0), "hflip": 0.5, "auto_augment": "rand-m9-mstd0.5", "re_prob": 0.25},
+}
+
+Sample = tuple[Path, int]
+
+
+@dataclass
+class FolderReport:
+    """What :func:`validate_image_folders` found: classes (sorted), labelled files per split, skipped files."""
+
+    root: Path
+    train_dir: Path
+    val_dir: Path
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    skipped: list[Path] = field(default_factory=list)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        """Class name -> label index (index order = sorted class names, identical for both splits)."""
+        return {name: i for i, name in enumerate(self.class_names)}
+
+    @property
+    def train_counts(self) -> dict[str, int]:
+        """Images per class in the train split."""
+        return self._counts(self.train)
+
+    @property
+    def val_counts(self) -> dict[str, int]:
+        """Images per class in the val split."""
+        return self._counts(self.val)
+
+    @property
+    def num_skipped(self) -> int:
+        """How many undecodable images were left out (only non-zero with ``skip_bad_images=True``)."""
+        return len(self.skipped)
+
+    def summary(self) -> str:
+        """One line for logs: class count, split sizes and skipped images."""
+        line = f"{len(self.class_names)} classes, {len(self.train)} train / {len(self.val)} val images"
+        return line + (f", {self.num_skipped} undecodable skipped" if self.skipped else "")
+
+    def _counts(self, samples: list[Sample]) -> dict[str, int]:
+        counts = dict.fromkeys(self.class_names, 0)
+        for _, label in samples:
+            counts[self.class_names[label]] += 1
+        return counts
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _decode_error(path: Path) -> str | None:
+    """Fully decode ``path`` (``verify()`` misses truncated data); return the reason it fails, or None."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads the whole stream
+            img.load()
+            img.convert("RGB")  # the conversion timm's ImageDataset performs
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return _one_line(exc)
+    return None
+
+
+def _split_dir(root: Path, name: str, which: str) -> Path:
+    path = root / name
+    if not path.is_dir():
+        raise DataError(
+            f"{which} folder '{path}' does not exist; create it with one subfolder per class "
+            f"(e.g. {path}/<class_name>/img.png) or set {which}_dir to the folder that holds them"
+        )
+    return path
+
+
+def _class_files(split: Path, exts: set[str]) -> dict[str, list[Path]]:
+    """Class folder name -> sorted image files below it (recursive; hidden entries ignored)."""
+    classes = sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"'{split}' has no class subfolders; put the images in {split}/<class_name>/ (one folder per class)"
+        )
+    stray = sorted(p.name for p in split.iterdir() if p.is_file() and p.suffix.lower() in exts)
+    if stray:
+        raise DataError(
+            f"'{split}' holds {len(stray)} image(s) outside any class folder (e.g. '{split / stray[0]}'); "
+            f"move them into {split}/<class_name>/"
+        )
+    files = {}
+    for name in classes:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(split / name, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found += [Path(dirpath, f) for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in exts]
+        files[name] = sorted(found)
+    return files
+
+
+def validate_image_folders(
+    root: str | os.PathLike,
+    train_dir: str = "train",
+    val_dir: str = "val",
+    skip_bad_images: bool = False,
+) -> FolderReport:
+    """Check an image-folder dataset before training and list its labelled files.
+
+    Raises :class:`~surgery.errors.DataError` (one line naming the path and a fix) for a missing root/train/val
+    folder, a split without class subfolders, images outside class folders, an empty class folder, train and val
+    class sets that differ, or an image PIL cannot fully decode. With ``skip_bad_images=True`` undecodable images
+    are left out and listed in ``FolderReport.skipped`` instead. Only ``.png/.jpg/.jpeg`` (timm's image
+    extensions) count as images; other files and hidden entries are ignored.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data root '{root}' {what}; point it at a folder holding {train_dir}/ and {val_dir}/")
+    exts = get_img_extensions(as_set=True)
+    train_path, val_path = _split_dir(root, train_dir, "train"), _split_dir(root, val_dir, "val")
+    if train_path.resolve() == val_path.resolve():
+        raise DataError(f"train and val are the same folder '{train_path}'; give val_dir its own held-out images")
+    splits = {train_path: _class_files(train_path, exts), val_path: _class_files(val_path, exts)}
+    train_classes, val_classes = set(splits[train_path]), set(splits[val_path])
+    if train_classes != val_classes:
+        raise DataError(
+            f"class folders differ between '{train_path}' and '{val_path}': "
+            f"missing in {val_dir}: {sorted(train_classes - val_classes)}, "
+            f"missing in {train_dir}: {sorted(val_classes - train_classes)}; "
+            "add or remove class folders so both splits have the same classes"
+        )
+    class_names = sorted(train_classes)
+
+    def no_images(folder: Path, why: str) -> DataError:
+        return DataError(
+            f"class folder '{folder}' has {why}; add {'/'.join(sorted(exts))} images to it "
+            f"or remove the class from both {train_dir}/ and {val_dir}/"
+        )
+
+    for split, files in splits.items():
+        for name in class_names:
+            if not files[name]:
+                raise no_images(split / name, "no images")
+
+    all_files = [f for files in splits.values() for name in class_names for f in files[name]]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        errors = dict(zip(all_files, pool.map(_decode_error, all_files), strict=True))
+    bad = [f for f in all_files if errors[f] is not None]
+    if bad and not skip_bad_images:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(
+            f"cannot decode image '{bad[0]}'{more}: {errors[bad[0]]}; "
+            "delete or replace it, or pass skip_bad_images=True to leave undecodable images out"
+        )
+
+    samples: dict[Path, list[Sample]] = {}
+    for split, files in splits.items():
+        samples[split] = []
+        for label, name in enumerate(class_names):
+            good = [f for f in files[name] if errors[f] is None]
+            if not good:
+                raise no_images(split / name, f"only undecodable images ({len(files[name])} skipped)")
+            samples[split] += [(f, label) for f in good]
+    return FolderReport(
+        root=root,
+        train_dir=train_path,
+        val_dir=val_path,
+        class_names=class_names,
+        train=samples[train_path],
+        val=samples[val_path],
+        skipped=bad,
+    )
+
+
+def resolve_data_cfg(model_or_cfg: Any, *, img_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+    """timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode) with an optional size override.
+
+    ``model_or_cfg`` is a timm model (its ``pretrained_cfg`` is used), a ``pretrained_cfg``/data-config mapping,
+    or a timm model name (its default pretrained cfg, nothing is downloaded).
+    """
+    if isinstance(model_or_cfg, str):
+        import timm.models
+
+        try:
+            pretrained_cfg = timm.models.get_pretrained_cfg(model_or_cfg, allow_unregistered=False).to_dict()
+        except RuntimeError as exc:
+            raise DataError(f"no timm pretrained config for '{model_or_cfg}'; pass the model itself") from exc
+        cfg = resolve_data_config(pretrained_cfg=pretrained_cfg)
+    elif isinstance(model_or_cfg, Mapping):
+        cfg = resolve_data_config(pretrained_cfg=dict(model_or_cfg))
+    elif isinstance(model_or_cfg, torch.nn.Module):
+        cfg = resolve_data_config(model=model_or_cfg)
+    else:
+        raise DataError(f"cannot read a data config from {type(model_or_cfg).__name__}; pass a timm model or dict")
+    if img_size is not None:
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise DataError(f"img_size must be a positive int or (height, width), got {img_size!r}")
+        cfg["input_size"] = (cfg["input_size"][0], *size)
+    return cfg
+
+
+def build_transforms(
+    model_or_cfg: Any,
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    augment: str = "light",
+    is_training: bool,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """timm transform for a model: size, mean/std, interpolation and crop_pct from its ``pretrained_cfg``.
+
+    ``augment`` picks the train-time strength (see ``AUGMENT_PRESETS``): "none" (resize + center crop),
+    "light" (random resized crop with scale 0.6-1 + horizontal flip) or "strong" (full-range crop, flip,
+    RandAugment ``rand-m9-mstd0.5`` and random erasing). Evaluation transforms ignore ``augment``.
+    """
+    if augment not in AUGMENT_PRESETS:
+        raise DataError(f"unknown augment '{augment}'; use one of {', '.join(AUGMENT_PRESETS)}")
+    cfg = resolve_data_cfg(model_or_cfg, img_size=img_size)
+    extra = AUGMENT_PRESETS[augment] if is_training else {}
+    return create_transform(**cfg, is_training=is_training, **extra)
+
+
+# Transforms whose output depends only on their input. Anything not listed counts as random.
+_DETERMINISTIC = {
+    "Resize",
+    "CenterCrop",
+    "Normalize",
+    "ToTensor",
+    "PILToTensor",
+    "ConvertImageDtype",
+    "Grayscale",
+    "Pad",
+    "MaybeToTensor",
+    "MaybePILToTensor",
+    "ToNumpy",
+    "CenterCropOrPad",
+    "TrimBorder",
+    "ResizeToSequence",
+}
+
+
+def is_deterministic_transform(transform: Any) -> bool:
+    """True when ``transform`` has no random step, so features computed once can be cached and reused.
+
+    Walks ``Compose`` (and tuples of transforms) and checks each step against a whitelist of known deterministic
+    torchvision/timm transforms; unknown steps count as random. ``build_transforms(..., augment="none")`` is
+    deterministic, "light" and "strong" are not.
+    """
+    if transform is None:
+        return True
+    if isinstance(transform, (list, tuple)):
+        return all(is_deterministic_transform(t) for t in transform)
+    name = type(transform).__name__
+    if name == "Compose":  # not RandomApply/RandomChoice/RandomOrder, which also hold ``.transforms``
+        return all(is_deterministic_transform(t) for t in transform.transforms)
+    if isinstance(transform, torch.nn.Sequential):
+        return all(is_deterministic_transform(t) for t in transform)
+    if name == "ResizeKeepRatio":
+        return not (transform.random_scale_prob or transform.random_aspect_prob)
+    return name in _DETERMINISTIC
+
+
+class _SampleListReader(Reader):
+    """timm Reader over an already-validated (path, label) list, so skipped files stay out of the dataset."""
+
+    def __init__(self, root: Path, samples: list[Sample]) -> None:
+        super().__init__()
+        self.root = root
+        self.samples = samples
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        return str(path), target  # ImageDataset calls Image.open(path); PIL then closes the file itself
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        path = self.samples[index][0]
+        if basename:
+            return path.name
+        return str(path.absolute() if absolute else path.relative_to(self.root))
+
+
+def build_image_datasets(
+    root: str | os.PathLike,
+    model: Any,
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    augment: str = "light",
+    train_dir: str = "train",
+    val_dir: str = "val",
+    skip_bad_images: bool = False,
+    report: FolderReport | None = None,
+) -> tuple[ImageDataset, ImageDataset, list[str]]:
+    """Validate ``root`` and build timm ``ImageDataset`` s yielding ``(tensor, int label)``.
+
+    ``model`` is whatever :func:`build_transforms` accepts. Labels index the sorted class names, identical in
+    train and val. Pass the ``report`` of an earlier :func:`validate_image_folders` call to skip re-validating.
+    The train transform uses ``augment``; val always gets the model's eval transform. Check whether the train
+    pipeline is random with ``is_deterministic_transform(train_ds.transform)``.
+    """
+    if report is None:
+        report = validate_image_folders(root, train_dir=train_dir, val_dir=val_dir, skip_bad_images=skip_bad_images)
+    cfg = resolve_data_cfg(model, img_size=img_size)
+    img_mode = "L" if cfg["input_size"][0] == 1 else "RGB"
+    datasets = []
+    for samples, split, training in ((report.train, report.train_dir, True), (report.val, report.val_dir, False)):
+        transform = build_transforms(cfg, augment=augment, is_training=training)
+        reader = _SampleListReader(split, samples)
+        datasets.append(ImageDataset(str(split), reader=reader, input_img_mode=img_mode, transform=transform))
+    return datasets[0], datasets[1], list(report.class_names)

@@ -1,0 +1,97 @@
+"""BatchNorm handling for frozen parts: the classic bug is a "frozen" BatchNorm whose running statistics still move.
+
+Two conversions, both swapping the module for another one holding the same tensors:
+
+- ``frozen``: timm's ``freeze_batch_norm_2d`` (BatchNorm2d, SyncBatchNorm, BatchNormAct2d -> FrozenBatchNorm2d /
+  FrozenBatchNormAct2d). timm has no 1-d version, so BatchNorm1d becomes :class:`FrozenBatchNorm1d` here.
+- ``eval``: a subclass of the original class whose ``train()`` keeps it in eval mode, so running statistics stay
+  fixed while its affine parameters may still train. Subclassing keeps every attribute, the state-dict names and
+  ``isinstance`` checks of the original class.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import freeze_batch_norm_2d
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class FrozenBatchNorm1d(nn.Module):
+    """BatchNorm1d with fixed statistics and affine parameters (buffers), like timm's FrozenBatchNorm2d."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(shape) + shift.reshape(shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, D401
+        state_dict.pop(prefix + "num_batches_tracked", None)  # BatchNorm1d checkpoints carry this counter
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class StatsFixed:
+    """Mixin: the BatchNorm stays in eval mode (running statistics fixed) whatever ``model.train()`` says."""
+
+    def train(self, mode: bool = True):  # noqa: ANN201
+        return super().train(False)  # type: ignore[misc]
+
+
+_STATS_FIXED: dict[type, type] = {}
+
+
+def stats_fixed_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``StatsFixed<cls>``: created once per BatchNorm class."""
+    if issubclass(cls, StatsFixed):
+        return cls
+    if cls not in _STATS_FIXED:
+        _STATS_FIXED[cls] = type(f"StatsFixed{cls.__name__}", (StatsFixed, cls), {"__module__": __name__})
+    return _STATS_FIXED[cls]
+
+
+def batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
+    """Every BatchNorm-like module with running statistics (BatchNorm1d/2d/3d, SyncBatchNorm, BatchNormAct2d)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and not isinstance(m, StatsFixed)
+    }
+
+
+def fix_stats(module: _BatchNorm) -> nn.Module:
+    """The same module, as a class that keeps its running statistics fixed."""
+    new = stats_fixed_class(type(module)).__new__(stats_fixed_class(type(module)))
+    new.__dict__ = module.__dict__.copy()
+    new.training = False
+    return new
+
+
+def freeze(module: _BatchNorm) -> nn.Module:
+    """A frozen copy (statistics and affine as buffers) of a BatchNorm module."""
+    if isinstance(module, nn.BatchNorm1d):
+        frozen = FrozenBatchNorm1d(module.num_features, module.eps).to(module.running_mean.device)
+        with torch.no_grad():
+            if module.affine:
+                frozen.weight.copy_(module.weight)
+                frozen.bias.copy_(module.bias)
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+        return frozen
+    return freeze_batch_norm_2d(module)
+
+
+def frozen_class_name(module: _BatchNorm) -> str:
+    """The class a ``frozen`` conversion produces, for the plan (without converting)."""
+    if isinstance(module, nn.BatchNorm1d):
+        return FrozenBatchNorm1d.__name__
+    return "FrozenBatchNormAct2d" if type(module).__name__.startswith("BatchNormAct") else "FrozenBatchNorm2d"

@@ -1,0 +1,448 @@
+"""The plan: every parameter's fate (trainable or frozen, lr, weight decay, the rule that decided it), the head
+replacements and the BatchNorm conversions, resolved from a model and a recipe.
+
+:func:`plan` is pure: it reads parameter names, shapes and ``requires_grad`` and never changes the model, so it runs on
+a meta-device model of any size. Everything downstream (the applied model, the optimizer's param groups, the printed
+table, the JSON, the adapter) reads the same :class:`Plan`, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from surgery import heads as heads_mod
+from surgery import norms as norms_mod
+from surgery.errors import HeadError, NothingTrainableError, SurgeryError
+from surgery.layers import Layer, layer_of, layers_from_names
+from surgery.recipe import LoadedRecipe, load_recipe
+from surgery.schema import HeadSpec, Recipe
+from surgery.select import describe, select
+
+RecipeLike = Recipe | Mapping[str, Any] | str | Path
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """The fate of one parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    layer: int
+    layer_name: str
+    trainable: bool
+    lr: float | None
+    weight_decay: float | None
+    rule: str
+    new: bool = False
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class HeadChange:
+    """One module replaced by a new head."""
+
+    key: str
+    path: str
+    old: str
+    new: str
+    in_features: int
+    num_classes: int
+    params: tuple[str, ...]
+    spec: HeadSpec = field(repr=False)
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class NormChange:
+    """One BatchNorm layer whose behaviour the norm policy changes."""
+
+    path: str
+    kind: str
+    action: Literal["eval", "frozen"]
+    becomes: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the recipe does to the model. Build it with :func:`plan`; make it real with :func:`apply`."""
+
+    model_name: str
+    parameters: tuple[ParamPlan, ...]
+    layers: tuple[Layer, ...]
+    heads: tuple[HeadChange, ...]
+    norms: tuple[NormChange, ...]
+    warnings: tuple[str, ...]
+    recipe: Recipe = field(repr=False)
+    _model: Any = field(default=None, repr=False, compare=False)
+
+    # -------------------------------------------------------------------------------------------------- counts
+    @property
+    def trainable_params(self) -> int:
+        """Number of trainable elements."""
+        return sum(p.numel for p in self.parameters if p.trainable)
+
+    @property
+    def frozen_params(self) -> int:
+        """Number of frozen elements."""
+        return sum(p.numel for p in self.parameters if not p.trainable)
+
+    @property
+    def trainable_names(self) -> list[str]:
+        """Names of the trainable parameters, in model order."""
+        return [p.name for p in self.parameters if p.trainable]
+
+    def __getitem__(self, name: str) -> ParamPlan:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    # ---------------------------------------------------------------------------------------------- optimizer
+    def param_groups(self, model: nn.Module | None = None) -> list[dict[str, Any]]:
+        """Optimizer param groups with the real ``lr`` and ``weight_decay`` of each group (no ``lr_scale``).
+
+        Usable with any torch optimizer. Frozen parameters are in no group. ``model`` defaults to the model the plan
+        was applied to.
+        """
+        if model is None:
+            model = self._model() if self._model is not None else None
+        if model is None:
+            raise SurgeryError("param_groups() needs the model: call surgery.apply(model, recipe) first, or pass it")
+        tensors = dict(model.named_parameters())
+        groups: dict[tuple[float, float], dict[str, Any]] = {}
+        for p in self.parameters:
+            if not p.trainable:
+                continue
+            tensor = tensors.get(p.name)
+            if tensor is None or not tensor.requires_grad:
+                raise SurgeryError(
+                    f"parameter {p.name!r} is trainable in the plan but not in the model; apply the plan first "
+                    "(surgery.apply(model, recipe))"
+                )
+            assert p.lr is not None and p.weight_decay is not None
+            group = groups.setdefault(
+                (p.lr, p.weight_decay), {"params": [], "param_names": [], "lr": p.lr, "weight_decay": p.weight_decay}
+            )
+            group["params"].append(tensor)
+            group["param_names"].append(p.name)
+        return list(groups.values())
+
+    # ----------------------------------------------------------------------------------------------- printing
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (``surgery plan --json``)."""
+        total = self.trainable_params + self.frozen_params
+        return {
+            "model": self.model_name,
+            "trainable_params": self.trainable_params,
+            "frozen_params": self.frozen_params,
+            "total_params": total,
+            "layers": [{"index": la.index, "name": la.name, "params": len(la.params)} for la in self.layers],
+            "parameters": [
+                {
+                    "name": p.name,
+                    "shape": list(p.shape),
+                    "layer": p.layer,
+                    "trainable": p.trainable,
+                    "lr": p.lr,
+                    "weight_decay": p.weight_decay,
+                    "rule": p.rule,
+                    "new": p.new,
+                }
+                for p in self.parameters
+            ],
+            "heads": [
+                {
+                    "key": h.key,
+                    "path": h.path,
+                    "old": h.old,
+                    "new": h.new,
+                    "in_features": h.in_features,
+                    "num_classes": h.num_classes,
+                    "params": list(h.params),
+                }
+                for h in self.heads
+            ],
+            "norms": [
+                {"path": n.path, "kind": n.kind, "action": n.action, "becomes": n.becomes, "reason": n.reason}
+                for n in self.norms
+            ],
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict()`` as JSON text."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        """A readable table grouped by layer, with totals, heads, norm changes and warnings."""
+        rows = [("#", "layer", "params", "trainable", "frozen", "lr", "wd", "rule")]
+        by_layer: dict[int, list[ParamPlan]] = {}
+        for p in self.parameters:
+            by_layer.setdefault(p.layer, []).append(p)
+        for layer in self.layers:
+            ps = by_layer.get(layer.index, [])
+            trainable = sum(p.numel for p in ps if p.trainable)
+            frozen = sum(p.numel for p in ps if not p.trainable)
+            lrs = sorted({p.lr for p in ps if p.lr is not None})
+            wds = sorted({p.weight_decay for p in ps if p.weight_decay is not None})
+            lr = "-" if not lrs else f"{lrs[0]:.3g}" if len(lrs) == 1 else f"{lrs[0]:.3g}..{lrs[-1]:.3g}"
+            wd = "-" if not wds else "/".join(f"{w:g}" for w in wds)
+            rules = list(dict.fromkeys(p.rule for p in ps))
+            rule = rules[0] if len(rules) == 1 else f"{rules[0]} (+{len(rules) - 1} more)"
+            rows.append(
+                (str(layer.index), layer.name, f"{trainable + frozen:,}", f"{trainable:,}", f"{frozen:,}", lr, wd, rule)
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        right = {0, 2, 3, 4}
+        lines = [f"Plan for {self.model_name}"]
+        if self.recipe.description:
+            lines.append(f"  {self.recipe.description.strip()}")
+        for r in rows:
+            cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+            lines.append("  ".join(cells).rstrip())
+        total = self.trainable_params + self.frozen_params
+        share = 100.0 * self.trainable_params / total if total else 0.0
+        lines.append(
+            f"Total: {total:,} parameters: {self.trainable_params:,} trainable ({share:.2f}%), "
+            f"{self.frozen_params:,} frozen, in {len(self.layers)} layers"
+        )
+        for h in self.heads:
+            state = "trainable" if h.spec.trainable else "frozen"
+            lines.append(f"Head {h.key}: {h.path}: {h.old} -> {h.new} ({state})")
+        if self.norms:
+            actions: dict[tuple[str, str], int] = {}
+            for n in self.norms:
+                actions[(n.action, n.reason)] = actions.get((n.action, n.reason), 0) + 1
+            for (action, reason), count in actions.items():
+                what = "running statistics fixed" if action == "eval" else "converted to FrozenBatchNorm"
+                lines.append(f"Norms: {count} BatchNorm layer(s) {what} ({reason})")
+        for w in self.warnings:
+            lines.append(f"Warning: {w}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ planning
+
+
+def _as_recipe(recipe: RecipeLike) -> LoadedRecipe:
+    if isinstance(recipe, LoadedRecipe):
+        return recipe
+    return load_recipe(recipe)
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    fn = getattr(model, "no_weight_decay", None)
+    try:
+        return set(fn()) if callable(fn) else set()
+    except Exception:  # noqa: BLE001 - a model's optional hook failing must not stop planning
+        return set()
+
+
+def _exempt(name: str, patterns: set[str]) -> bool:
+    # timm's no_weight_decay() returns names or wildcard patterns; it matches them the same way.
+    return name in patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def plan(model: nn.Module, recipe: RecipeLike) -> Plan:
+    """Resolve ``recipe`` against ``model`` without changing the model. See :class:`Plan`."""
+    recipe = _as_recipe(recipe)
+    spec = recipe.surgery
+    current = [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]
+    warnings: list[str] = []
+
+    # Heads: what each replacement removes and adds (the new head is built on the meta device for its names).
+    head_changes: list[HeadChange] = []
+    replaced: dict[str, HeadChange] = {}
+    for key, hspec in spec.heads.items():
+        where = recipe.where("surgery", "heads", key)
+        for path in heads_mod.resolve_targets(model, key, where=where):
+            if path in replaced:
+                raise HeadError(f"{where}: {path!r} is already replaced by heads.{replaced[path].key}; keep one")
+            nested = [p for p in replaced if path.startswith(p + ".") or p.startswith(path + ".")]
+            if nested:
+                raise HeadError(f"{where}: {path!r} overlaps heads.{replaced[nested[0]].key} ({nested[0]})")
+            width = heads_mod.in_features(model, path, where=where)
+            conv = heads_mod.is_conv_head(model, path)
+            new = heads_mod.build_head(hspec, width, conv=conv, device="meta")
+            old = model.get_submodule(path)
+            change = HeadChange(
+                key=key,
+                path=path,
+                old=_describe_module(old),
+                new=_describe_module(new),
+                in_features=width,
+                num_classes=hspec.num_classes,
+                params=tuple(f"{path}.{n}" for n, _ in new.named_parameters()),
+                spec=hspec,
+                shapes={f"{path}.{n}": tuple(p.shape) for n, p in new.named_parameters()},
+            )
+            head_changes.append(change)
+            replaced[path] = change
+
+    # The parameter list after replacement: new head parameters take the place of the old ones.
+    entries: list[tuple[str, tuple[int, ...], bool, HeadChange | None]] = []
+    inserted: set[str] = set()
+    for name, shape, requires_grad in current:
+        owner = next((c for p, c in replaced.items() if name.startswith(p + ".")), None)
+        if owner is None:
+            entries.append((name, shape, requires_grad, None))
+        elif owner.path not in inserted:
+            inserted.add(owner.path)
+            entries += [(n, s, True, owner) for n, s in owner.shapes.items()]
+    for path, change in replaced.items():
+        if path not in inserted:  # replacing a parameter-less module (Identity): the new head goes last
+            entries += [(n, s, True, change) for n, s in change.shapes.items()]
+    names = [e[0] for e in entries]
+    layers = layers_from_names(model, names)
+    layer_index = layer_of(layers)
+
+    # Fate: start from the model's requires_grad, apply the rules in order, then the heads.
+    trainable = {e[0]: e[2] for e in entries}
+    decided = {e[0]: "model default" if e[2] else "model default (frozen)" for e in entries}
+    lr_ops: dict[str, list[tuple[str, float]]] = {n: [] for n in names}
+    wd_set: dict[str, float] = {}
+    for i, rule in enumerate(spec.rules):
+        label = rule.name or f"rules[{i}] {rule.action} {describe(rule.selector)}"
+        where = recipe.where("surgery", "rules", i, rule.action)
+        chosen = select(rule.selector, names, layers, where=where)
+        if rule.action in ("freeze", "unfreeze"):
+            want = rule.action == "unfreeze"
+            changed = sum(1 for n in chosen if trainable[n] != want)
+            if changed == 0:
+                state = "trainable" if want else "frozen"
+                warnings.append(f"{label} changes nothing: all {len(chosen)} selected parameters were already {state}")
+            for n in chosen:
+                trainable[n] = want
+                decided[n] = label
+        for n in chosen:
+            if rule.lr is not None:
+                lr_ops[n].append(("set", rule.lr))
+            if rule.lr_mult is not None:
+                lr_ops[n].append(("mult", rule.lr_mult))
+            if rule.weight_decay is not None:
+                wd_set[n] = rule.weight_decay
+    for change in head_changes:
+        label = f"heads.{change.key} (new {change.spec.type} head, {change.num_classes} classes)"
+        for n in change.params:
+            trainable[n] = change.spec.trainable
+            decided[n] = label
+            if change.spec.lr is not None:
+                lr_ops[n].append(("set", change.spec.lr))
+            if change.spec.lr_mult is not None:
+                lr_ops[n].append(("mult", change.spec.lr_mult))
+
+    # Norm policy.
+    norm_changes = _plan_norms(model, spec.norm, trainable, decided, replaced, warnings)
+
+    # Learning rate and weight decay of what trains.
+    optim = recipe.optim
+    num_layers = len(layers)
+    if optim.layer_decay is not None and num_layers <= 1:
+        warnings.append("optim.layer_decay has no effect: the model has a single layer")
+    exempt = set() if optim.decay_norm_and_bias else _no_weight_decay(model)
+    params: list[ParamPlan] = []
+    for name, shape, _, owner in entries:
+        li = layer_index[name]
+        lr = wd = None
+        if trainable[name]:
+            lr = optim.lr
+            if optim.layer_decay is not None:
+                lr *= optim.layer_decay ** (num_layers - 1 - li)
+            for op, value in lr_ops[name]:
+                lr = value if op == "set" else lr * value
+            if name in wd_set:
+                wd = wd_set[name]
+            elif not optim.decay_norm_and_bias and (len(shape) <= 1 or _exempt(name, exempt)):
+                wd = 0.0
+            else:
+                wd = optim.weight_decay
+        params.append(
+            ParamPlan(name, shape, li, layers[li].name, trainable[name], lr, wd, decided[name], new=owner is not None)
+        )
+
+    if not any(p.trainable for p in params):
+        raise NothingTrainableError(
+            f"{recipe.source}: no parameter is trainable after surgery.rules and surgery.heads; unfreeze a part "
+            "(e.g. a rule `unfreeze: {from: -1}`) or add a head (surgery.heads.classifier.num_classes=N)"
+        )
+    return Plan(
+        model_name=_model_name(model),
+        parameters=tuple(params),
+        layers=tuple(layers),
+        heads=tuple(head_changes),
+        norms=tuple(norm_changes),
+        warnings=tuple(warnings),
+        recipe=recipe,
+    )
+
+
+def _plan_norms(
+    model: nn.Module,
+    policy: str,
+    trainable: dict[str, bool],
+    decided: dict[str, str],
+    replaced: Mapping[str, HeadChange],
+    warnings: list[str],
+) -> list[NormChange]:
+    changes: list[NormChange] = []
+    drifting = 0
+    for path, bn in norms_mod.batchnorms(model).items():
+        if any(path == p or path.startswith(p + ".") for p in replaced):
+            continue
+        own = [f"{path}.weight", f"{path}.bias"] if bn.affine else []
+        if own:
+            frozen = not any(trainable[n] for n in own)
+        else:  # no affine parameters: frozen when its siblings are
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            siblings = [n for n in trainable if n.startswith(parent + ".")] if parent else list(trainable)
+            frozen = not any(trainable[n] for n in siblings)
+        kind = type(bn).__name__
+        if policy == "train":
+            drifting += frozen
+        elif policy == "eval":
+            reason = "norm: eval" if not frozen else "norm: eval, parameters frozen"
+            changes.append(NormChange(path, kind, "eval", f"StatsFixed{kind}", reason))
+        elif frozen and policy == "frozen" and isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d | nn.SyncBatchNorm):
+            changes.append(NormChange(path, kind, "frozen", norms_mod.frozen_class_name(bn), "norm: frozen"))
+            for n in own:
+                decided[n] = f"{decided[n]}; norm: frozen"
+        elif frozen:
+            if policy == "frozen":
+                warnings.append(f"{path}: {kind} has no frozen form; its statistics are fixed instead (norm: eval)")
+            changes.append(NormChange(path, kind, "eval", f"StatsFixed{kind}", f"norm: {policy}, parameters frozen"))
+    if drifting:
+        warnings.append(
+            f"norm: train: the running statistics of {drifting} frozen BatchNorm layer(s) will still change in "
+            "training; use norm: auto to keep them fixed"
+        )
+    return changes
+
+
+def _describe_module(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return f"Linear({module.in_features}->{module.out_features})"
+    if isinstance(module, nn.Conv2d):
+        return f"Conv2d({module.in_channels}->{module.out_channels}, 1x1)"
+    if isinstance(module, nn.Sequential):
+        widths = [m for m in module if isinstance(m, nn.Linear)]
+        if widths:
+            return "MLP(" + "->".join([str(widths[0].in_features), *(str(m.out_features) for m in widths)]) + ")"
+    return type(module).__name__
