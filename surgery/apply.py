@@ -20,7 +20,8 @@ def apply_plan(model: nn.Module, the_plan: Plan) -> Plan:
     """Make ``the_plan`` real on ``model``: replace heads, set ``requires_grad``, convert BatchNorms."""
     for change in the_plan.heads:
         old = model.get_submodule(change.path)
-        ref = next(iter(old.parameters()), None) or next(iter(model.parameters()), None)
+        ref = next(iter(old.parameters()), None)
+        ref = ref if ref is not None else next(iter(model.parameters()), None)
         device = ref.device if ref is not None else None
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
         new = heads_mod.build_head(
