@@ -110,7 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        # key=value overrides may follow options (`plan r.yaml --json optim.lr=1e-4`); argparse leaves them over.
+        unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if unknown:
+            raise RecipeError(f"surgery {args.command}: unrecognized arguments: {' '.join(unknown)} (see --help)")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
         return COMMANDS[args.command](args)
     except SurgeryError as err:
         if debug:

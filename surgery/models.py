@@ -31,6 +31,11 @@ def build_model(
 ) -> nn.Module:
     """Build the model of a recipe's ``model:`` section (see module docstring)."""
     pretrained = spec.pretrained and not meta
+    if spec.pretrained and spec.name.startswith(TORCHVISION):  # fail at plan time, not after the plan was trusted
+        raise ModelError(
+            f"{where}.pretrained: torchvision weights cannot be downloaded here; set pretrained: false and give "
+            "model.checkpoint (a .safetensors file)"
+        )
     kwargs: dict[str, Any] = dict(spec.kwargs)
     try:
         if meta:
@@ -67,11 +72,6 @@ def _create(name: str, *, pretrained: bool, kwargs: Mapping[str, Any], where: st
         if arch not in available:
             close = difflib.get_close_matches(arch, available, n=3)
             raise ModelError(f"{where}.name: torchvision has no model {arch!r}; closest: {', '.join(close) or '-'}")
-        if pretrained:
-            raise ModelError(
-                f"{where}.pretrained: torchvision weights cannot be downloaded here; set pretrained: false and give "
-                "model.checkpoint (a .safetensors file)"
-            )
         return torchvision.models.get_model(arch, weights=None, **kwargs)
     if ":" not in name and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)

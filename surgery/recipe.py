@@ -255,13 +255,14 @@ def apply_override(data: dict[str, Any], override: str, origins: dict[Path_, Ori
             part = str(part)
         else:
             raise RecipeError(f"{where}: {dotted(parts[:i])} is a {_kind(node)}, not a section")
+        parts[i] = part
+        if not last and isinstance(node, dict) and part not in node:
+            node[part] = {}
+            origins[tuple(parts[: i + 1])] = Origin(where)
         if last:
             node[part] = value
         else:
-            if isinstance(node, dict) and part not in node:
-                node[part] = {}
             node = node[part]
-        parts[i] = part
     origins[tuple(parts)] = Origin(where)
 
 
@@ -310,11 +311,11 @@ def _field(model: type[BaseModel], key: str) -> Any:
     return None
 
 
-def _data_path(data: Any, loc: Sequence[Any]) -> Path_:
+def _data_path(data: Any, loc: Sequence[Any], kind: str = "") -> Path_:
     """Map a pydantic error location to a path in the data, dropping union-member tags and aliases."""
     path: list[str | int] = []
     node = data
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(node, dict) and part in node:
             path.append(part)
             node = node[part]
@@ -324,8 +325,8 @@ def _data_path(data: Any, loc: Sequence[Any]) -> Path_:
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             path.append(part)
             node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and not part[:1].isupper() and "[" not in part:
-            path.append(part)  # a missing or extra key
+        elif isinstance(node, dict) and i == len(loc) - 1 and kind in ("missing", "extra_forbidden"):
+            path.append(part)  # a missing or extra key; other unknown parts are union-member tags
             node = None
     return tuple(path)
 
@@ -333,15 +334,17 @@ def _data_path(data: Any, loc: Sequence[Any]) -> Path_:
 def _best_error(errors: list[Any], data: Any) -> Any:
     """Among a union's alternatives, the error that went deepest into the data is the one the user meant."""
 
-    def depth(err: Any) -> tuple[int, int]:
-        path = _data_path(data, err["loc"])
-        return (len(path), -errors.index(err))
+    def depth(err: Any) -> tuple[int, bool, int]:
+        path = _data_path(data, err["loc"], err["type"])
+        # at equal depth, a member that accepted the input's type explains more than "should be a valid string"
+        mismatch = err["type"].endswith("_type")
+        return (len(path), not mismatch, -errors.index(err))
 
     return max(errors, key=depth)
 
 
 def _format_error(err: Any, data: Any, origins: dict[Path_, Origin], source: str) -> str:
-    path = _data_path(data, err["loc"])
+    path = _data_path(data, err["loc"], err["type"])
     origin = None
     for cut in range(len(path), -1, -1):
         if path[:cut] in origins:
