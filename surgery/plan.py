@@ -127,7 +127,7 @@ class Plan:
             if not p.trainable:
                 continue
             tensor = tensors.get(p.name)
-            if tensor is None or not tensor.requires_grad:
+            if tensor is None or not tensor.requires_grad or tuple(tensor.shape) != p.shape:
                 raise SurgeryError(
                     f"parameter {p.name!r} is trainable in the plan but not in the model; apply the plan first "
                     "(surgery.apply(model, recipe))"
