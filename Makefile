@@ -13,14 +13,18 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_DISABLE_XET=1 $(BIN)/python -m surgery.demo
+	@for r in linear-probe full-finetune llrd partial bn-frozen; do \
+		echo "== surgery plan $$r --model resnet50 --num-classes 10"; \
+		$(BIN)/surgery plan $$r --model resnet50 --num-classes 10 || exit $$?; echo; done
+	$(BIN)/surgery plan examples/seed_transfer_resnet18.yaml
+	$(BIN)/surgery plan examples/keras_unfreeze_from_2.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check surgery tests benchmarks examples
 
 docs: $(STAMP)
-	$(BIN)/python -m surgery.docgen docs/recipes.md
+	$(BIN)/python -m surgery.docgen docs/
 	$(BIN)/mkdocs build --strict
 
 test: $(STAMP)

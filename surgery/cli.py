@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("train", help="train a recipe (also under `accelerate launch -m surgery train ...`)")
+    _add_recipe_args(p)
+    p.add_argument("--output", metavar="DIR", help="output folder (default: train.output_dir, else runs/<recipe>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("push", help="upload a folder (adapter or merged model) to a hub repo as one commit")
+    p.add_argument("folder", help="output folder of `surgery train` or `surgery merge`")
+    p.add_argument("repo", metavar="ORG/NAME", help="hub repo, created if missing (hub: HF_ENDPOINT, token: HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to push to, created from main if missing")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base as a plain timm folder (config.json + weights)")
+    p.add_argument("adapter", help="adapter folder or hf-hub:ORG/NAME[@REVISION]")
+    p.add_argument("out", help="output folder, loadable with timm.create_model('local-dir:OUT', pretrained=True)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("load", help="load and verify an adapter; optionally classify images with it")
+    p.add_argument("adapter", help="adapter folder or hf-hub:ORG/NAME[@REVISION]")
+    p.add_argument("--predict", nargs="+", metavar="IMAGE", help="print the top classes of these images")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image with --predict (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -102,7 +129,48 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from surgery.hub import push_folder
+
+    result = push_folder(args.folder, args.repo, private=args.private, revision=args.revision, message=args.message)
+    print(result.url)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from surgery.adapter import merge
+
+    out = merge(args.adapter, args.out)
+    print(f"Merged {args.adapter} into {out} (timm: create_model('local-dir:{out}', pretrained=True))")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from surgery.adapter import describe, load, predict
+
+    model = load(args.adapter)
+    print(describe(model.adapter_info))
+    for line in predict(model, args.predict or [], top=args.top):
+        print(line)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from surgery.train import default_output_dir, train
+
+    recipe = load_cli_recipe(args.recipe, args.overrides)
+    output = args.output or default_output_dir(recipe)
+    result = train(recipe, output_dir=output, resume=args.resume, progress=not args.no_progress)
+    if result.is_main_process:
+        keys = ("val_loss", "val_top1", "val_top5", "train_loss")
+        print(" ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if k in result.metrics) or "no epochs trained")
+        print(f"outputs: {result.output_dir}")
+    return 0
+
+
 COMMANDS = {"plan": cmd_plan, "schema": cmd_schema, "recipes": cmd_recipes}
+COMMANDS["train"] = cmd_train
+COMMANDS.update({"push": cmd_push, "merge": cmd_merge, "load": cmd_load})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"surgery: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `surgery plan ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's flush at exit
+        return 0
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
         return 130

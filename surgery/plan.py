@@ -198,7 +198,7 @@ class Plan:
             frozen = sum(p.numel for p in ps if not p.trainable)
             lrs = sorted({p.lr for p in ps if p.lr is not None})
             wds = sorted({p.weight_decay for p in ps if p.weight_decay is not None})
-            lr = "-" if not lrs else f"{lrs[0]:.3g}" if len(lrs) == 1 else f"{lrs[0]:.3g}..{lrs[-1]:.3g}"
+            lr = "-" if not lrs else f"{lrs[0]:.2e}" if len(lrs) == 1 else f"{lrs[0]:.2e}..{lrs[-1]:.2e}"
             wd = "-" if not wds else "/".join(f"{w:g}" for w in wds)
             rules = list(dict.fromkeys(p.rule for p in ps))
             rule = rules[0] if len(rules) == 1 else f"{rules[0]} (+{len(rules) - 1} more)"
@@ -243,9 +243,9 @@ def _as_recipe(recipe: RecipeLike) -> LoadedRecipe:
     return load_recipe(recipe)
 
 
-def _model_name(model: nn.Module) -> str:
+def _model_name(model: nn.Module, recipe: Recipe) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
+    return cfg.get("architecture") or (recipe.model.name if recipe.model else type(model).__name__)
 
 
 def _no_weight_decay(model: nn.Module) -> set[str]:
@@ -384,7 +384,7 @@ def plan(model: nn.Module, recipe: RecipeLike) -> Plan:
             "(e.g. a rule `unfreeze: {from: -1}`) or add a head (surgery.heads.classifier.num_classes=N)"
         )
     return Plan(
-        model_name=_model_name(model),
+        model_name=_model_name(model, recipe),
         parameters=tuple(params),
         layers=tuple(layers),
         heads=tuple(head_changes),
