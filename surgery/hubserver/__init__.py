@@ -1,0 +1,47 @@
+"""Self-hosted hub: the subset of the Hugging Face Hub HTTP API that ``huggingface_hub`` and timm's ``hf-hub:`` use.
+
+Point a client at it with ``HF_ENDPOINT=<url> HF_HUB_DISABLE_XET=1``; the real client then works unchanged
+(create_repo, upload_folder incl. LFS basic transfer, hf_hub_download, snapshot_download, branches, tags, ...).
+The wire contract is the project's verified HUB_API.md spec; usage is in ``docs/hub-server.md``. Standard library
+only. Modules: ``common`` (constants, validation, errors), ``tokens``, ``storage`` (repos on disk), ``wire``
+(HTTP plumbing, access checks), ``endpoints`` (one method per API endpoint), ``server`` (:class:`HubServer`,
+:func:`serve`) and ``cli`` (:func:`main`). ``surgery.hub_server`` re-exports the public API.
+
+Run it with ``python -m surgery.hub_server --root DIR [--host H] [--port N]`` (prints the URL once listening) and
+create tokens with ``python -m surgery.hub_server token add USER --role write|read --root DIR``.
+
+Storage, under ``--root``::
+
+    tokens.json                     sha256 of each token + user + role; never the token itself
+    .secret                         HMAC key signing LFS upload URLs (the client sends no token on the PUT)
+    .lock                           flock held by the running server: one server per root
+    tmp/                            partial uploads; emptied when a server starts
+    repos/<type>/<ns>/<name>/
+        meta.json                   visibility, creation date, a random uid
+        refs.json                   {"branches": {name: sha}, "tags": {name: {"commit", "message"}}}
+        commits/ab/<rest>.json      immutable commit: parents, message, author, date and the full file table
+        blobs/ab/<rest>             regular files, addressed by git blob sha1
+        lfs/ab/<rest>               large files, addressed by sha256 (per repo: no cross-repo dedupe, no leaks)
+
+Crash safety: every file is written to ``tmp/`` and renamed into place; a commit object is written before the
+ref that names it, and refs.json is replaced atomically last, so a crash at any point leaves the previous state
+(plus unreferenced objects, which are never shown). A new repo is assembled in ``tmp/`` and renamed into place.
+Commits to one repo are serialized by a per-repo lock; each commit applies its operations to the branch head
+read under that lock, and an explicit ``parentCommit`` that is not the head is refused with 412.
+
+Access policy (decided here, since the real Hub's org/role model is out of scope):
+
+* anonymous requests may read public repos; a token (read or write role) also reads its user's private repos;
+* only a ``write`` token may write, and only in its own namespace (``org == user``);
+* private repos a caller cannot read answer 404 ``RepoNotFound``, exactly like missing ones;
+* an unknown token is a 401 everywhere (as on the Hub), even for public reads;
+* a server with no tokens at all is read-only: every write answers 401 with the command that creates a token.
+"""
+
+from __future__ import annotations
+
+from surgery.hubserver.cli import main
+from surgery.hubserver.server import HubServer, serve
+from surgery.hubserver.tokens import add_token, list_tokens, revoke_token
+
+__all__ = ["HubServer", "add_token", "list_tokens", "main", "revoke_token", "serve"]

@@ -1,0 +1,176 @@
+"""Server lifecycle: the threaded HTTP server, :class:`HubServer` for tests and embedding, :func:`serve`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import threading
+import uuid
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import HubError
+from surgery.hubserver.endpoints import Handler
+from surgery.hubserver.storage import Store
+from surgery.hubserver.tokens import TokenStore
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no cross-process locking
+    fcntl = None  # type: ignore[assignment]
+
+
+class HubHTTPServer(ThreadingHTTPServer):
+    """Threaded HTTP/1.1 server holding the store, the token store and the URL-signing secret for its handlers."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, addr: tuple, store: Store, tokens: TokenStore, secret: bytes, public_url: str | None):
+        if ":" in addr[0]:
+            self.address_family = socket.AF_INET6
+        self.store, self.tokens, self.secret, self.public_url = store, tokens, secret, public_url
+        self.connections: set[socket.socket] = set()
+        self.conn_guard = threading.Lock()
+        super().__init__(addr, Handler)
+
+    def close_connections(self) -> None:
+        with self.conn_guard:
+            for sock in list(self.connections):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class HubServer:
+    """The hub over ``root``; ``with HubServer(root) as hub:`` serves in a background thread at ``hub.url``.
+
+    ``port=0`` picks a free port. Only one server may serve a root at a time (a file lock enforces it), because
+    starting clears ``root/tmp`` of partial uploads left by a crash.
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        public_url: str | None = None,
+        fsync: bool = True,
+    ):
+        self.root, self.host, self.port = Path(root), host, port
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.fsync = fsync
+        self._httpd: HubHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._lock_file: Any = None
+
+    @property
+    def url(self) -> str:
+        """Base URL for HF_ENDPOINT (the public URL if one was given)."""
+        if self.public_url:
+            return self.public_url
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def _prepare(self) -> HubHTTPServer:
+        root = self.root
+        try:
+            (root / "repos").mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(root / ".lock", "a")  # noqa: SIM115 - held for the server's lifetime
+        except OSError as err:
+            raise HubError(f"Cannot use hub root {root}: {err}") from err
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lock_file.close()
+                raise HubError(f"Another hub server is already serving {root}") from None
+        shutil.rmtree(root / "tmp", ignore_errors=True)
+        (root / "tmp").mkdir()
+        secret_path = root / ".secret"
+        if not secret_path.exists():
+            tmp = root / f".secret.{uuid.uuid4().hex}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+            os.replace(tmp, secret_path)
+        store = Store(root, fsync=self.fsync)
+        try:
+            httpd = HubHTTPServer(
+                (self.host, self.port), store, TokenStore(root), secret_path.read_bytes(), self.public_url
+            )
+        except OSError as err:
+            self._release()
+            raise HubError(f"Cannot listen on {self.host}:{self.port}: {err}") from err
+        self.port = httpd.server_address[1]
+        return httpd
+
+    def _release(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def start(self) -> HubServer:
+        """Bind and serve in a daemon thread; returns self."""
+        self._httpd = self._prepare()
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"hub-{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, drop open connections and release the root."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.close_connections()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._release()
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until interrupted; prints the URL on stdout once listening."""
+        self._httpd = self._prepare()
+        print(self.url, flush=True)
+        print(
+            f"hub: serving {self.root} -- clients need HF_ENDPOINT={self.url} HF_HUB_DISABLE_XET=1",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._httpd.server_close()
+            self._httpd = None
+            self._release()
+
+    def __enter__(self) -> HubServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(root: Path | str, host: str = "127.0.0.1", port: int = 0, *, public_url: str | None = None) -> None:
+    """Serve ``root`` in the foreground until Ctrl-C or SIGTERM, printing the URL once listening."""
+
+    def _term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = None
+    with contextlib.suppress(ValueError):  # not in the main thread: leave SIGTERM alone
+        previous = signal.signal(signal.SIGTERM, _term)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            HubServer(root, host, port, public_url=public_url).serve_forever()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

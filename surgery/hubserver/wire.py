@@ -1,0 +1,283 @@
+"""HTTP plumbing of the hub: bounded body reading, JSON/error answers, caller identity and repo access."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import urllib.parse
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery.hubserver.common import CHUNK, MAX_JSON_BODY, NAME_RE, TOKEN_HELP, WEB_PREFIX, ApiError, ClientGone, bad
+
+if TYPE_CHECKING:
+    from surgery.hubserver.server import HubHTTPServer
+
+logger = logging.getLogger("surgery.hubserver")
+
+
+class Body:
+    """Reads a request body (Content-Length or chunked) in bounded pieces, so uploads never sit in memory."""
+
+    def __init__(self, rfile: Any, headers: Any):
+        self.rfile = rfile
+        self.chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        self.eof, self._started = False, False
+        if self.chunked:
+            self.left = 0
+        else:
+            try:
+                self.left = int(headers.get("Content-Length") or 0)
+            except ValueError:
+                raise bad("Invalid Content-Length") from None
+            if self.left < 0:
+                raise bad("Invalid Content-Length")
+        self.length = None if self.chunked else self.left
+
+    def _avail(self) -> int:
+        if self.eof:
+            return 0
+        if not self.chunked:
+            self.eof = self.left == 0
+            return self.left
+        if self.left == 0:
+            if self._started and self.rfile.read(2) != b"\r\n":
+                raise bad("Malformed chunked body")
+            self._started = True
+            line = self.rfile.readline(1026)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise bad("Malformed chunked body") from None
+            if size == 0:
+                while self.rfile.readline(8194) not in (b"\r\n", b"\n", b""):
+                    pass
+                self.eof = True
+                return 0
+            self.left = size
+        return self.left
+
+    def read(self, n: int = CHUNK) -> bytes:
+        avail = self._avail()
+        if not avail:
+            return b""
+        data = self.rfile.read(min(n, avail))
+        if not data:
+            raise ClientGone()
+        self.left -= len(data)
+        return data
+
+    def readline(self, limit: int) -> bytes:
+        parts, total = [], 0
+        while total < limit:
+            avail = self._avail()
+            if not avail:
+                break
+            line = self.rfile.readline(min(limit - total, avail))
+            if not line:
+                raise ClientGone()
+            self.left -= len(line)
+            parts.append(line)
+            total += len(line)
+            if line.endswith(b"\n"):
+                break
+        return b"".join(parts)
+
+    def read_all(self, limit: int) -> bytes:
+        parts, total = [], 0
+        while chunk := self.read():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, f"Request body larger than {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def drain(self, limit: int) -> bool:
+        """Discard up to ``limit`` bytes; True if the body is now fully consumed (keep-alive can go on)."""
+        total = 0
+        with contextlib.suppress(ApiError, ClientGone, OSError):
+            while total <= limit and (chunk := self.read()):
+                total += len(chunk)
+        return self.eof
+
+
+class BaseHandler(BaseHTTPRequestHandler):
+    """Per-request plumbing shared by all endpoints: parse the raw path, answer JSON or errors, check access.
+
+    Subclasses implement ``_route(method, segments)``.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "surgery-hub/1"
+    timeout = 300
+    server: HubHTTPServer
+    raw_path: str
+    query: dict[str, list[str]]
+
+    # --- plumbing
+    def setup(self) -> None:
+        super().setup()
+        with self.server.conn_guard:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.conn_guard:
+            self.server.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+        logger.info("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
+
+    def _dispatch(self) -> None:
+        self._responded, self._user = False, None
+        self._body, self.raw_path = None, ""
+        try:
+            self._body = Body(self.rfile, self.headers)
+            raw = self.path
+            if raw.startswith(("http://", "https://")):
+                raw = "/" + raw.split("/", 3)[3] if raw.count("/") >= 3 else "/"
+            raw_path, _, self.query_string = raw.partition("?")
+            self.raw_path = raw_path
+            self.query = urllib.parse.parse_qs(self.query_string, keep_blank_values=True)
+            try:
+                segs = [urllib.parse.unquote(s, errors="strict") for s in raw_path.split("/")[1:]]
+            except UnicodeDecodeError:
+                raise bad("Invalid percent-encoding in URL") from None
+            self._route(self.command, segs)
+        except ApiError as err:
+            self._error(err)
+        except (ClientGone, ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as err:
+            logger.exception("Internal error on %s %s", self.command, self.path)
+            self._error(ApiError(500, f"Internal server error: {type(err).__name__}: {err}"))
+
+    def _settle_body(self) -> None:
+        """Before answering, make sure the request body is consumed; otherwise close instead of keeping alive."""
+        if self._body is not None and not self._body.eof and not self._body.drain(CHUNK):
+            self.close_connection = True
+
+    def _start(self, status: int, headers: dict, length: int, ctype: str | None = "application/json") -> None:
+        self._settle_body()
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, str(value))
+        if ctype:
+            self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(length))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self._responded = True
+
+    def _json(self, obj: Any, status: int = 200, headers: dict | None = None) -> None:
+        data = json.dumps(obj).encode()
+        self._start(status, headers or {}, len(data))
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _error(self, err: ApiError) -> None:
+        level = logging.WARNING if err.status >= 500 else logging.INFO
+        logger.log(level, "%s %s -> %d %s", self.command, self.raw_path or self.path, err.status, err.message)
+        if self._responded:
+            self.close_connection = True
+            return
+        safe = re.sub(r"[\r\n]+", " ", err.message).encode("ascii", "backslashreplace").decode()[:1000]
+        headers = {"X-Error-Message": safe, **err.headers}
+        if err.code:
+            headers["X-Error-Code"] = err.code
+        with contextlib.suppress(OSError):
+            self._json({"error": err.message, **err.extra}, err.status, headers)
+
+    def _base(self) -> str:
+        if self.server.public_url:
+            return self.server.public_url
+        host = self.headers.get("Host", "")
+        if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", host):
+            h, p = self.server.server_address[:2]
+            host = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+        return f"http://{host}"
+
+    def _read_json(self) -> dict:
+        data = self._body.read_all(MAX_JSON_BODY)
+        if not data.strip():
+            return {}
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise bad("Request body is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise bad("Request body must be a JSON object")
+        return obj
+
+    # --- auth
+    def _caller(self) -> dict | None:
+        """The token's record, None when anonymous; an unknown token is a 401 (as on the Hub)."""
+        if self._user is None:
+            auth = self.headers.get("authorization", "")
+            if not auth:
+                self._user = {}
+            else:
+                scheme, _, token = auth.partition(" ")
+                rec = self.server.tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
+                if rec is None:
+                    raise ApiError(401, "Invalid credentials in Authorization header")
+                self._user = rec
+        return self._user or None
+
+    def _can_read(self, ns: str, meta: dict) -> bool:
+        caller = self._caller()
+        return not meta["private"] or (caller is not None and caller["user"] == ns)
+
+    def _require_write(self, ns: str, what: str) -> dict:
+        caller = self._caller()
+        if caller is None:
+            if self.server.tokens.empty():
+                raise ApiError(
+                    401,
+                    f"This hub has no tokens yet, so {what} is refused: {TOKEN_HELP}, "
+                    "then pass it as HF_TOKEN or token=",
+                )
+            raise ApiError(401, f"Authentication required for {what}: pass a write token as HF_TOKEN or token=")
+        if caller["role"] != "write":
+            raise ApiError(403, f"Token of {caller['user']!r} is read-only: {what} needs a token with role 'write'")
+        if caller["user"] != ns:
+            raise ApiError(403, f"User {caller['user']!r} cannot write to namespace {ns!r} ({what})")
+        return caller
+
+    def _repo(self, kind: str, ns: str, name: str, write: str | None = None) -> tuple[Path, dict]:
+        """Find a repo the caller may read (404 RepoNotFound otherwise); with ``write``, also check write access."""
+        for part in (ns, name):
+            if not NAME_RE.fullmatch(part) or ".." in part:
+                raise ApiError(404, f"Repository not found: invalid repo id {ns}/{name}", "RepoNotFound")
+        rdir = self.server.store.repo_dir(kind, ns, name)
+        meta = self.server.store.meta(rdir)
+        if meta is None or not self._can_read(ns, meta):
+            raise ApiError(
+                404, f"Repository {ns}/{name} not found. If it is private, pass a token of its owner.", "RepoNotFound"
+            )
+        if write:
+            self._require_write(ns, write)
+        return rdir, meta
+
+    def _resolve(self, rdir: Path, rev: str) -> tuple[str, dict]:
+        sha = self.server.store.resolve(rdir, rev)
+        commit = self.server.store.commit(rdir, sha) if sha else None
+        if commit is None:
+            raise ApiError(404, f"Revision not found: {rev!r}", "RevisionNotFound")
+        return sha, commit
+
+    def _repo_url(self, kind: str, ns: str, name: str) -> str:
+        return f"{self._base()}/{WEB_PREFIX[kind]}{ns}/{name}"
+
+    def _route(self, method: str, segs: list[str]) -> None:
+        raise NotImplementedError
