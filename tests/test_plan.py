@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -289,3 +290,22 @@ def test_plan_table_huge_model_allocates_nothing() -> None:
     assert "Total: 1,011," in proc.stdout and "in 42 layers" in proc.stdout
     rss_kb = int(proc.stdout.rsplit("RSS", 1)[1])
     assert rss_kb < 1_500_000, "planning must not allocate the 4 GB of weights"
+
+
+def test_seed_recipe_file_builds_torchvision_model() -> None:
+    recipe = surgery.load_recipe(Path(__file__).parents[1] / "examples" / "seed_transfer_resnet18.yaml")
+    model = surgery.build_model(recipe.model)
+    plan = surgery.apply(model, recipe)
+    assert plan.model_name == "torchvision:resnet18"
+    assert plan.trainable_names == ["fc.weight", "fc.bias"] and plan.trainable_params == 5130
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_syncbatchnorm_converts_like_timm() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    plan = surgery.apply(model, {"surgery": {"norm": "frozen", "rules": [{"freeze": {"to": 1}}]}})
+    assert [n.becomes for n in plan.norms] == ["FrozenBatchNorm2d"]
+    assert type(model[1]).__name__ == "FrozenBatchNorm2d"
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    surgery.apply(model, {"surgery": {"rules": [{"freeze": {"to": 1}}]}})
+    assert isinstance(model[1], nn.SyncBatchNorm) and not model.train()[1].training
