@@ -9,6 +9,7 @@ it against a model without touching it; :func:`apply` makes it real and returns 
     >>> p = surgery.apply(model, "linear-probe", )  # doctest: +SKIP
 """
 
+from surgery.adapter import fingerprint, load, merge, save_adapter
 from surgery.apply import apply, apply_plan
 from surgery.errors import (
     AdapterError,
@@ -21,10 +22,12 @@ from surgery.errors import (
     RecipeError,
     SurgeryError,
 )
+from surgery.hub import push, push_folder
 from surgery.models import build_model
 from surgery.plan import HeadChange, NormChange, ParamPlan, Plan, plan
 from surgery.recipe import builtin_recipes, load_recipe
 from surgery.schema import HeadSpec, LayerRange, ModelSpec, OptimSpec, Recipe, Rule, SurgerySpec, json_schema
+from surgery.train import train
 
 __version__ = "0.1.0"
 
@@ -53,7 +56,14 @@ __all__ = [
     "apply_plan",
     "build_model",
     "builtin_recipes",
+    "fingerprint",
     "json_schema",
+    "load",
     "load_recipe",
+    "merge",
     "plan",
+    "train",
+    "push",
+    "push_folder",
+    "save_adapter",
 ]

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    sub.add_parser("hub", help="run the self-hosted hub: `surgery hub serve --root DIR`, `surgery hub token add USER`")
+
     p = sub.add_parser("schema", help="print the JSON Schema of recipe files")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -101,15 +103,36 @@ def load_cli_recipe(recipe: str, overrides: Sequence[str], *, model: str | None 
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from surgery.features import feature_cache_reason
     from surgery.models import build_model
-    from surgery.plan import plan
+    from surgery.stages import plan_stages
 
     recipe = load_cli_recipe(args.recipe, args.overrides, model=args.model, num_classes=args.num_classes)
     if recipe.model is None:
         raise RecipeError(f"{recipe.source}: the recipe has no model: add model.name to it or pass --model NAME")
     model = build_model(recipe.model, meta=True, recipe_dir=Path(recipe.source).parent, where=recipe.where("model"))
-    result = plan(model, recipe)
-    print(result.to_json() if args.json else result.table())
+    stages = plan_stages(model, recipe)
+    first = stages[0][1]
+    reason = feature_cache_reason(first, recipe)
+    cache = (
+        "applies: only the new head trains on a deterministic input pipeline" if reason is None else f"off: {reason}"
+    )
+    if args.json:
+        out = first.to_dict()
+        out["feature_cache"] = {"applies": reason is None, "reason": reason}
+        if len(stages) > 1:
+            out["stages"] = [
+                {"name": stage.name or f"stage{i}", "epochs": stage.epochs, **p.to_dict()}
+                for i, (stage, p) in enumerate(stages)
+            ]
+        print(json.dumps(out, indent=2))
+        return 0
+    for i, (stage, p) in enumerate(stages):
+        if len(stages) > 1:
+            lr = f", lr {stage.lr:g}" if stage.lr is not None else ""
+            print(f"{chr(10) if i else ''}== Stage {i} ({stage.name or f'stage{i}'}): {stage.epochs} epoch(s){lr}")
+        print(p.table())
+    print(f"Feature cache: {cache}")
     return 0
 
 
@@ -177,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if argv[:1] == ["hub"]:  # `surgery hub serve|token ...` is the hub server's own small CLI
+        from surgery.hubserver.cli import main as hub_main
+
+        return hub_main(argv[1:], prog="surgery hub")
     try:
         args, extra = build_parser().parse_known_args(argv)
         # key=value overrides may follow options (`plan r.yaml --json optim.lr=1e-4`); argparse leaves them over.

@@ -77,17 +77,20 @@ def fix_stats(module: _BatchNorm) -> nn.Module:
 
 
 def freeze(module: _BatchNorm) -> nn.Module:
-    """A frozen copy (statistics and affine as buffers) of a BatchNorm module."""
-    if isinstance(module, nn.BatchNorm1d):
-        frozen = FrozenBatchNorm1d(module.num_features, module.eps).to(module.running_mean.device)
-        with torch.no_grad():
-            if module.affine:
-                frozen.weight.copy_(module.weight)
-                frozen.bias.copy_(module.bias)
-            frozen.running_mean.copy_(module.running_mean)
-            frozen.running_var.copy_(module.running_var)
-        return frozen
-    return freeze_batch_norm_2d(module)
+    """A frozen copy (statistics and affine as buffers) of a BatchNorm module, on the module's device."""
+    # timm builds the frozen module on the default device, then assigns the old tensors; building it on the module's
+    # own device keeps that valid for CUDA and meta (planning) models alike.
+    with torch.device(module.running_mean.device):
+        if not isinstance(module, nn.BatchNorm1d):
+            return freeze_batch_norm_2d(module)
+        frozen = FrozenBatchNorm1d(module.num_features, module.eps)
+    with torch.no_grad():
+        if module.affine:
+            frozen.weight.copy_(module.weight)
+            frozen.bias.copy_(module.bias)
+        frozen.running_mean.copy_(module.running_mean)
+        frozen.running_var.copy_(module.running_var)
+    return frozen
 
 
 def frozen_class_name(module: _BatchNorm) -> str:

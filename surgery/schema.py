@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -182,24 +182,141 @@ class OptimSpec(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra optimizer arguments (`momentum`, `betas`).")
 
 
+class StageSpec(_Section):
+    """One stage of training (fastai's `fine_tune`, Lightning's `BackboneFinetuning`): its epochs, extra rules, lr.
+
+    A stage's rules come after the recipe's `surgery.rules` and its heads, and are planned on the model as it is when
+    the stage starts. Newly trainable parameters join the optimizer; those already training keep their state.
+    """
+
+    name: str | None = Field(None, description="A label for logs and metrics (default `stage<i>`).")
+    epochs: int = Field(ge=1, description="Number of epochs of this stage.")
+    rules: list[Rule] = Field(
+        default_factory=list,
+        description="Freeze/unfreeze/select rules applied after `surgery.rules` and the heads, for this stage only "
+        "(e.g. `[{unfreeze: '*'}]` to train everything).",
+    )
+    lr: PositiveFloat | None = Field(
+        None, description="Base learning rate of this stage, replacing `optim.lr` (rules' `lr_mult` apply to it)."
+    )
+
+
+SCHEDULERS = ("cosine", "step", "multistep", "tanh", "poly", "constant", "none")
+
+
 class TrainSpec(_Section):
     """Training settings (read by `surgery train`)."""
 
-    epochs: int = Field(1, ge=0, description="Number of epochs.")
+    epochs: int = Field(1, ge=0, description="Number of epochs (when `stages` is empty).")
     batch_size: int = Field(32, ge=1, description="Batch size per process.")
     seed: int = Field(0, description="Random seed for head initialization, data order and augmentation.")
+    stages: list[StageSpec] = Field(
+        default_factory=list,
+        description="Training stages run in order, each with its own epochs, rules and schedule; replaces `epochs`. "
+        "E.g. `[{epochs: 1}, {epochs: 3, rules: [{unfreeze: '*'}], lr: 1e-4}]` (fastai's fine_tune).",
+    )
+    sched: str = Field(
+        "cosine",
+        description="Learning-rate schedule by timm name: `cosine`, `step`, `multistep`, `tanh`, `poly`, `constant` "
+        "or `none`. Each stage gets its own schedule over its epochs, stepped every optimizer update.",
+    )
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warmup at the start of each stage, in epochs.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear warmup in optimizer updates (instead of `warmup_epochs`)."
+    )
+    warmup_lr: float = Field(1e-6, ge=0, description="Learning rate at the first warmup update.")
+    min_lr: float = Field(0.0, ge=0, description="Lowest learning rate of decaying schedules (`cosine`, `tanh`).")
+    decay_epochs: float = Field(30.0, gt=0, description="Epochs between decays (`step`).")
+    decay_milestones: list[int] = Field(
+        default_factory=lambda: [30, 60, 90], description="Epochs at which the lr decays (`multistep`)."
+    )
+    decay_rate: float = Field(0.1, gt=0, description="Multiplier at each decay (`step`, `multistep`).")
+    grad_accum_steps: int = Field(1, ge=1, description="Batches whose gradients add up before each optimizer update.")
+    clip_grad_norm: PositiveFloat | None = Field(None, description="Clip the gradients' global norm to this value.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast precision. `auto`: what Accelerate's config or `accelerate launch --mixed_precision` "
+        "says (default `no`); `bf16` also works on CPUs that support it.",
+    )
+    deterministic: bool = Field(
+        False, description="Use only deterministic algorithms (`torch.use_deterministic_algorithms`), for exact resume."
+    )
+    loss: Literal["auto", "cross_entropy", "bce"] = Field(
+        "auto",
+        description="Loss: `cross_entropy`, or `bce` (binary cross-entropy on one logit, targets 0/1). `auto`: "
+        "`bce` when the model has a single output, `cross_entropy` otherwise.",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    ema: bool = Field(False, description="Keep an exponential moving average of the weights (timm ModelEmaV3).")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="Decay of the weight average.")
+    feature_cache: Literal["auto", "off"] = Field(
+        "auto",
+        description="Linear probes: when only the head trains and the input pipeline is deterministic, compute the "
+        "backbone's features once and train the head on them. `auto` does it whenever it is safe.",
+    )
+    eval_every_epochs: int = Field(
+        1, ge=1, description="Evaluate on val every N epochs; the last epoch of training is always evaluated."
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Also save a checkpoint every N optimizer updates (one is saved every epoch)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    find_unused_parameters: bool = Field(
+        False, description="Multi-process only: let DDP tolerate trainable parameters the forward does not use."
+    )
+    output_dir: str | None = Field(
+        None, description="Output folder (`--output` overrides it). Default: `runs/<recipe name>`."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSpec:
+        if self.sched not in SCHEDULERS:
+            raise ValueError(f"unknown sched {self.sched!r}; use one of {', '.join(SCHEDULERS)}")
+        if self.warmup_steps is not None and self.warmup_epochs:
+            raise ValueError("set either 'warmup_epochs' or 'warmup_steps', not both")
+        if self.stages and "epochs" in self.model_fields_set:
+            raise ValueError("'epochs' and 'stages' both given: stages carry their own epochs; remove 'epochs'")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs over all stages."""
+        return sum(s.epochs for s in self.stages) if self.stages else self.epochs
 
 
 class DataSpec(_Section):
     """Where the training data comes from (read by `surgery train`)."""
 
     root: str | None = Field(None, description="Folder with `train/` and `val/`, one subfolder per class.")
+    train_dir: str = Field("train", description="Training images, one subfolder per class, under `root`.")
+    val_dir: str = Field("val", description="Validation images, the same class subfolders, under `root`.")
+    img_size: int | None = Field(
+        None, ge=1, description="Input size (square), overriding the model's `pretrained_cfg` input size."
+    )
+    augment: Literal["none", "light", "strong"] = Field(
+        "light",
+        description="Training augmentation: `none` (resize and center crop, deterministic), `light` (random resized "
+        "crop and flip) or `strong` (adds RandAugment and random erasing).",
+    )
+    skip_bad_images: bool = Field(False, description="Leave undecodable images out instead of stopping with an error.")
+    num_workers: int = Field(0, ge=0, description="Data-loading worker processes per training process.")
 
 
 class HubSpec(_Section):
-    """Where `surgery train` pushes the result."""
+    """Where `surgery train` pushes the result (the main process only, one commit, at the end of training).
 
-    repo: str | None = Field(None, description="`org/name` to push the adapter to at the end of training.")
+    The hub is `HF_ENDPOINT` (default huggingface.co) and the token `HF_TOKEN`, as for every Hugging Face tool.
+    """
+
+    repo: str | None = Field(
+        None,
+        pattern=r"^(hf-hub:)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="`org/name` to push the adapter to at the end of training (created if missing). "
+        "No push when unset.",
+    )
+    private: bool = Field(False, description="Create the repo as private (only used when it does not exist yet).")
+    revision: str | None = Field(None, description="Branch to push to, created from `main` if missing (default main).")
+    message: str | None = Field(None, description="Commit message. Default: `Upload <folder> with timm-surgery`.")
 
 
 class Recipe(_Section):
@@ -212,6 +329,11 @@ class Recipe(_Section):
     train: TrainSpec = Field(default_factory=TrainSpec, description="Training loop settings.")
     data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
     hub: HubSpec = Field(default_factory=HubSpec, description="Pushing results to a hub.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value  # `model: resnet50` means `model: {name: ...}`
 
 
 def json_schema() -> dict[str, Any]:
