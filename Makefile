@@ -13,11 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@for r in linear-probe full-finetune llrd partial bn-frozen; do \
-		echo "== surgery plan $$r --model resnet50 --num-classes 10"; \
-		$(BIN)/surgery plan $$r --model resnet50 --num-classes 10 || exit $$?; echo; done
-	$(BIN)/surgery plan examples/seed_transfer_resnet18.yaml
-	$(BIN)/surgery plan examples/keras_unfreeze_from_2.yaml
+	$(BIN)/python -m surgery.demo --out demo-output
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,10 +1,15 @@
 """Generate the reference pages from the code itself: the recipe reference from the schema, the CLI reference from
-the argument parser. ``python -m surgery.docgen docs/`` rewrites them; a test fails when they are stale.
+the argument parser, and the command outputs shown in the pages (every ```text block that starts with
+``$ surgery ...``). ``python -m surgery.docgen docs/`` rewrites them; a test fails when they are stale.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import re
+import shlex
 import sys
 import types
 import typing
@@ -126,6 +131,24 @@ def _help(parser: argparse.ArgumentParser) -> str:
 
 
 PAGES = {"recipes.md": recipe_reference, "cli.md": cli_reference}
+SNIPPET = re.compile(r"```text\n\$ (surgery [^\n]+)\n(.*?)```", re.S)
+
+
+def command_output(command: str) -> str:
+    """What ``surgery ...`` prints (run in this process, from the current folder)."""
+    from surgery.cli import main as cli_main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        status = cli_main(shlex.split(command)[1:])
+    if status != 0:
+        raise SystemExit(f"docgen: `{command}` failed with status {status}")
+    return buffer.getvalue()
+
+
+def refresh_snippets(text: str) -> str:
+    """Replace the output under every ```text block that starts with ``$ surgery ...`` by the command's output."""
+    return SNIPPET.sub(lambda m: f"```text\n$ {m.group(1)}\n{command_output(m.group(1))}```", text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         stale.append(name)
         if not args.check:
             path.write_text(text)
+    for page in [*sorted(args.docs.glob("*.md")), args.docs.parent / "README.md"]:
+        if not page.exists() or page.name in PAGES:
+            continue
+        text = page.read_text()
+        fresh = refresh_snippets(text)
+        if fresh != text:
+            stale.append(page.name)
+            if not args.check:
+                page.write_text(fresh)
     if args.check and stale:
         print(f"stale generated docs: {', '.join(stale)}; run python -m surgery.docgen {args.docs}", file=sys.stderr)
         return 1
