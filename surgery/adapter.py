@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from surgery import hub as hub_mod
 from surgery.errors import AdapterError, SurgeryError
-from surgery.norms import FrozenBatchNorm1d, StatsFixed
+from surgery.norms import FrozenBatchNorm1d, StatsFixed, release
 from surgery.plan import Plan
 
 FORMAT = "timm-surgery-adapter"
@@ -738,9 +738,7 @@ def plain_norms(model: nn.Module, base_state: Mapping[str, torch.Tensor] | None 
     for path, module in list(model.named_modules()):
         new: nn.Module | None = None
         if isinstance(module, StatsFixed):
-            cls = next(c for c in type(module).__mro__[1:] if not issubclass(c, StatsFixed))
-            new = cls.__new__(cls)
-            new.__dict__ = module.__dict__.copy()
+            new = release(module)
         elif isinstance(module, FrozenBatchNorm2d | FrozenBatchNormAct2d):
             new = unfreeze_batch_norm_2d(module).to(module.running_mean.device)
         elif isinstance(module, FrozenBatchNorm1d):

@@ -36,7 +36,10 @@ def apply_plan(model: nn.Module, the_plan: Plan) -> Plan:
     for change in the_plan.norms:
         module = model.get_submodule(change.path)
         model.set_submodule(
-            change.path, norms_mod.freeze(module) if change.action == "frozen" else norms_mod.fix_stats(module)
+            change.path,
+            {"frozen": norms_mod.freeze, "eval": norms_mod.fix_stats, "train": norms_mod.release}[change.action](
+                module
+            ),
         )
     present = {n for n, _ in model.named_parameters()}
     converted = {f"{n.path}.{s}" for n in the_plan.norms if n.action == "frozen" for s in ("weight", "bias")}

@@ -59,12 +59,13 @@ def stats_fixed_class(cls: type[nn.Module]) -> type[nn.Module]:
     return _STATS_FIXED[cls]
 
 
-def batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
-    """Every BatchNorm-like module with running statistics (BatchNorm1d/2d/3d, SyncBatchNorm, BatchNormAct2d)."""
+def batchnorms(model: nn.Module, *, include_fixed: bool = False) -> dict[str, _BatchNorm]:
+    """Every BatchNorm-like module with running statistics (BatchNorm1d/2d/3d, SyncBatchNorm, BatchNormAct2d);
+    ``include_fixed`` adds those already converted by :func:`fix_stats`."""
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats and not isinstance(m, StatsFixed)
+        if isinstance(m, _BatchNorm) and m.track_running_stats and (include_fixed or not isinstance(m, StatsFixed))
     }
 
 
@@ -73,6 +74,14 @@ def fix_stats(module: _BatchNorm) -> nn.Module:
     new = stats_fixed_class(type(module)).__new__(stats_fixed_class(type(module)))
     new.__dict__ = module.__dict__.copy()
     new.training = False
+    return new
+
+
+def release(module: nn.Module) -> nn.Module:
+    """Undo :func:`fix_stats`: the same module, as its original class, whose statistics update in training again."""
+    cls = next(c for c in type(module).__mro__[1:] if not issubclass(c, StatsFixed))
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()
     return new
 
 

@@ -70,7 +70,7 @@ class NormChange:
 
     path: str
     kind: str
-    action: Literal["eval", "frozen"]
+    action: Literal["eval", "frozen", "train"]
     becomes: str
     reason: str
 
@@ -227,7 +227,11 @@ class Plan:
             for n in self.norms:
                 actions[(n.action, n.reason)] = actions.get((n.action, n.reason), 0) + 1
             for (action, reason), count in actions.items():
-                what = "running statistics fixed" if action == "eval" else "converted to FrozenBatchNorm"
+                what = {
+                    "eval": "running statistics fixed",
+                    "frozen": "converted to FrozenBatchNorm",
+                    "train": "running statistics updating again",
+                }[action]
                 lines.append(f"Norms: {count} BatchNorm layer(s) {what} ({reason})")
         for w in self.warnings:
             lines.append(f"Warning: {w}")
@@ -404,7 +408,7 @@ def _plan_norms(
 ) -> list[NormChange]:
     changes: list[NormChange] = []
     drifting = 0
-    for path, bn in norms_mod.batchnorms(model).items():
+    for path, bn in norms_mod.batchnorms(model, include_fixed=True).items():
         if any(path == p or path.startswith(p + ".") for p in replaced):
             continue
         own = [f"{path}.weight", f"{path}.bias"] if bn.affine else []
@@ -415,6 +419,11 @@ def _plan_norms(
             siblings = [n for n in trainable if n.startswith(parent + ".")] if parent else list(trainable)
             frozen = not any(trainable[n] for n in siblings)
         kind = type(bn).__name__
+        if isinstance(bn, norms_mod.StatsFixed):  # fixed by an earlier plan (a previous training stage)
+            if policy == "train" or (policy != "eval" and not frozen):
+                base = type(norms_mod.release(bn)).__name__
+                changes.append(NormChange(path, kind, "train", base, f"norm: {policy}, parameters trainable again"))
+            continue
         if policy == "train":
             drifting += frozen
         elif policy == "eval":

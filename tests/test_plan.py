@@ -309,3 +309,18 @@ def test_syncbatchnorm_converts_like_timm() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     surgery.apply(model, {"surgery": {"rules": [{"freeze": {"to": 1}}]}})
     assert isinstance(model[1], nn.SyncBatchNorm) and not model.train()[1].training
+
+
+def test_stage_that_unfreezes_batchnorm_lets_its_statistics_update_again() -> None:
+    """norm: auto fixes statistics where parameters are frozen, stage by stage: unfrozen later, they update again."""
+    from surgery.stages import plan_stages
+
+    model = timm.create_model("test_resnet", pretrained=False)
+    recipe = surgery.load_recipe("gradual-unfreeze", ["surgery.heads.classifier.num_classes=3"])
+    (_, first), (_, second) = plan_stages(model, recipe)
+    assert {n.action for n in first.norms} == {"eval"} and {n.action for n in second.norms} == {"train"}
+    bn = model.bn1
+    assert type(bn).__name__ == "BatchNorm2d" and bn.training
+    before = bn.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(before, bn.running_mean)
