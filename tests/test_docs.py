@@ -3,6 +3,7 @@ the commands print today, and `mkdocs build --strict` passes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,18 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "site" / "recipes" / "index.html").exists()
+
+
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+RUNNABLE = ["README.md", "docs/getting-started.md", "docs/api.md"]
+
+
+@pytest.mark.parametrize("page", RUNNABLE)
+def test_python_examples_in_docs_run(page: str, monkeypatch, tmp_path: Path) -> None:
+    """The Python snippets of these pages run as they are, in order, sharing one namespace per page."""
+    monkeypatch.chdir(ROOT)
+    blocks = PYTHON_BLOCK.findall((ROOT / page).read_text())
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, f"{page} (python block)", "exec"), namespace)  # noqa: S102 - our own documentation
