@@ -29,6 +29,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/plan.py
+	$(BIN)/python benchmarks/train.py
+	HF_HUB_DISABLE_XET=1 $(BIN)/python benchmarks/adapter.py
 
 clean:
 	rm -rf $(VENV) site build *.egg-info

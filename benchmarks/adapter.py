@@ -16,8 +16,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,23 +55,10 @@ def adapter_size(work: Path) -> dict[str, float]:
     }
 
 
-def _start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "surgery.hub_server", "--root", str(root), "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    url = proc.stdout.readline().strip() if proc.stdout else ""
-    if not url.startswith("http"):
-        proc.kill()
-        raise SystemExit("the hub server did not start")
-    return proc, url
-
-
 def transfer(work: Path, mb: int, rounds: int) -> dict[str, list[float]]:
     from surgery import hub
     from surgery.hub_server import add_token
+    from surgery.hubserver.server import spawn
 
     payload = work / "payload" / "payload.dat"
     payload.parent.mkdir()
@@ -83,7 +68,7 @@ def transfer(work: Path, mb: int, rounds: int) -> dict[str, list[float]]:
     size = payload.stat().st_size
     root = work / "hub"
     token = add_token(root, "bench", "write")
-    proc, url = _start_server(root)
+    proc, url = spawn(root)
     os.environ["HF_ENDPOINT"], os.environ["HF_TOKEN"] = url, token
     results: dict[str, list[float]] = {"push": [], "pull": [], "disk copy": []}
     try:

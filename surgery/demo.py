@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -43,27 +42,13 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------- supervisor
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_hub(root: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     """The embedded default: the project's hub server on 127.0.0.1 with a write token for the demo user."""
+    from surgery.hubserver.server import spawn
     from surgery.hubserver.tokens import add_token
 
     token = add_token(root, NAMESPACE, "write")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "surgery.hub_server", "--root", str(root), "--port", str(port), "--quiet"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    url = proc.stdout.readline().strip() if proc.stdout else ""
-    if not url.startswith("http"):
-        proc.kill()
-        raise SystemExit("demo: the hub server did not start; run `surgery hub serve --root DIR` to see why")
+    proc, url = spawn(root)
     return proc, {"HF_ENDPOINT": url, "HF_TOKEN": token}
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import uuid
@@ -174,3 +176,21 @@ def serve(root: Path | str, host: str = "127.0.0.1", port: int = 0, *, public_ur
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def spawn(
+    root: Path | str, *, port: int = 0, quiet: bool = True, stderr: Any = None, timeout: float = 60
+) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m surgery.hub_server`` in a child process; returns it and its URL once it is listening.
+
+    For jobs that need the hub in another process than their own (the demo, benchmarks, crash tests): the caller
+    stops it with ``proc.terminate()``.
+    """
+    argv = [sys.executable, "-m", "surgery.hub_server", "--root", str(root), "--port", str(port)]
+    proc = subprocess.Popen([*argv, "--quiet"] if quiet else argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    url = proc.stdout.readline().strip() if ready and proc.stdout else ""
+    if not url.startswith("http"):
+        proc.kill()
+        raise HubError(f"the hub server for {root} did not start; run `surgery hub serve --root {root}` to see why")
+    return proc, url
