@@ -48,7 +48,7 @@ class LoadedRecipe(Recipe):
 
     def where(self, *path: str | int) -> str:
         """``file:line: dotted.key`` for a key path, falling back to the nearest located parent."""
-        for cut in range(len(path), -1, -1):
+        for cut in range(len(path), 0, -1):  # a key the files never set has no line: name the file alone
             if path[:cut] in self._origins:
                 return f"{self._origins[path[:cut]]}: {dotted(path)}"
         return f"{self._source}: {dotted(path)}"
@@ -346,7 +346,7 @@ def _best_error(errors: list[Any], data: Any) -> Any:
 def _format_error(err: Any, data: Any, origins: dict[Path_, Origin], source: str) -> str:
     path = _data_path(data, err["loc"], err["type"])
     origin = None
-    for cut in range(len(path), -1, -1):
+    for cut in range(len(path), 0 if path else -1, -1):
         if path[:cut] in origins:
             origin = origins[path[:cut]]
             break
