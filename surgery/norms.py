@@ -3,7 +3,8 @@
 Two conversions, both swapping the module for another one holding the same tensors:
 
 - ``frozen``: timm's ``freeze_batch_norm_2d`` (BatchNorm2d, SyncBatchNorm, BatchNormAct2d -> FrozenBatchNorm2d /
-  FrozenBatchNormAct2d). timm has no 1-d version, so BatchNorm1d becomes :class:`FrozenBatchNorm1d` here.
+  FrozenBatchNormAct2d), computed with the eval-mode BatchNorm kernel so outputs match a plain BatchNorm bit for bit.
+  timm has no 1-d version, so BatchNorm1d becomes :class:`FrozenBatchNorm1d` here.
 - ``eval``: a subclass of the original class whose ``train()`` keeps it in eval mode, so running statistics stay
   fixed while its affine parameters may still train. Subclassing keeps every attribute, the state-dict names and
   ``isinstance`` checks of the original class.
@@ -13,8 +14,43 @@ from __future__ import annotations
 
 import torch
 from timm.layers import freeze_batch_norm_2d
+from timm.layers.norm_act import FrozenBatchNormAct2d as TimmFrozenBatchNormAct2d
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+
+
+class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
+    """timm's frozen BatchNorm (torchvision's class), computed by the same kernel as an eval-mode BatchNorm2d.
+
+    The parent computes ``x * scale + shift``, which differs from ``BatchNorm2d`` in the last float bits; computing it
+    with ``F.batch_norm`` makes a trained model, its reloaded adapter and its merged export (plain BatchNorm2d, as
+    timm rebuilds it) give identical outputs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class FrozenBatchNormAct2d(TimmFrozenBatchNormAct2d):
+    """timm's FrozenBatchNormAct2d, computed like an eval-mode BatchNormAct2d (see :class:`FrozenBatchNorm2d`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+def _exact(module: nn.Module) -> nn.Module:
+    """Swap timm's frozen module for the subclass above; the tensors and attributes stay the same objects."""
+    cls = {TorchvisionFrozenBatchNorm2d: FrozenBatchNorm2d, TimmFrozenBatchNormAct2d: FrozenBatchNormAct2d}.get(
+        type(module)
+    )
+    if cls is None:
+        return module
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()
+    return new
 
 
 class FrozenBatchNorm1d(nn.Module):
@@ -29,11 +65,8 @@ class FrozenBatchNorm1d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.reshape(shape) + shift.reshape(shape)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the eval-mode BatchNorm1d kernel: identical outputs
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, D401
         state_dict.pop(prefix + "num_batches_tracked", None)  # BatchNorm1d checkpoints carry this counter
@@ -91,7 +124,7 @@ def freeze(module: _BatchNorm) -> nn.Module:
     # own device keeps that valid for CUDA and meta (planning) models alike.
     with torch.device(module.running_mean.device):
         if not isinstance(module, nn.BatchNorm1d):
-            return freeze_batch_norm_2d(module)
+            return _exact(freeze_batch_norm_2d(module))
         frozen = FrozenBatchNorm1d(module.num_features, module.eps)
     with torch.no_grad():
         if module.affine:
