@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from surgery import hub as hub_mod
-from surgery.errors import AdapterError, SurgeryError
+from surgery.errors import AdapterError, RecipeError, SurgeryError
 from surgery.norms import FrozenBatchNorm1d, StatsFixed, release
 from surgery.plan import Plan
 
@@ -269,19 +269,14 @@ def _versions() -> dict[str, str]:
 
 
 def _recipe_data(recipe: Any, base: Mapping[str, Any] | None) -> dict[str, Any]:
+    from surgery.recipe import load_recipe, resolved_data
+
     try:
-        data = recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
-    except Exception as err:  # noqa: BLE001 - pydantic raises several types for a callable
-        raise AdapterError(
-            f"the recipe cannot be written to {CONFIG_FILE} ({type(err).__name__}); a Python predicate in a layer "
-            "range (which=callable) is not data: use indices or names"
-        ) from None
+        data = resolved_data(recipe)
+    except RecipeError as err:
+        raise AdapterError(f"cannot write {CONFIG_FILE}: {err}") from None
     if base is not None and data.get("model") and base.get("checkpoint"):
         data["model"]["checkpoint"] = base["checkpoint"]
-    if data.get("train", {}).get("stages"):
-        data["train"].pop("epochs", None)  # stages carry their epochs; both keys together are refused
-    from surgery.recipe import load_recipe
-
     try:
         load_recipe(data)  # what load() will read back must load
     except SurgeryError as err:

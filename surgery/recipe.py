@@ -11,6 +11,7 @@ values (``hidden: [256]``) are replaced. ``{_replace_: VALUE}`` replaces a paren
 from __future__ import annotations
 
 import difflib
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -420,6 +421,36 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
     for override in overrides:
         apply_override(data, override, origins)
     return validate(data, origins, name)
+
+
+def resolved_data(recipe: Recipe, *, predicates: str = "error") -> dict[str, Any]:
+    """The fully resolved recipe as plain JSON-ready data, for the copies runs and adapters keep.
+
+    Paths become absolute as the run resolves them (``model.checkpoint`` relative to the recipe file, ``data.root`` to
+    the working folder), so the copy rebuilds the same run from anywhere. A Python predicate (``which=callable``) is
+    not data: ``predicates="error"`` refuses it, ``"repr"`` writes its repr (a record, not loadable).
+    """
+
+    def default(value: Any) -> str:
+        if predicates == "repr":
+            return repr(value)
+        raise RecipeError(
+            f"{getattr(recipe, 'source', '<recipe>')}: a Python predicate in a layer range (which=callable) cannot be "
+            "saved as data; use layer indices or names"
+        )
+
+    data = json.loads(json.dumps(recipe.model_dump(by_alias=True, exclude_none=True), default=default))
+    if data.get("train", {}).get("stages"):
+        data["train"].pop("epochs", None)  # stages carry their epochs; both keys together are refused
+    source = getattr(recipe, "source", "<mapping>")
+    checkpoint = (data.get("model") or {}).get("checkpoint")
+    if checkpoint and not Path(checkpoint).is_absolute():
+        base = Path(source).parent if not source.startswith("<") else Path.cwd()
+        data["model"]["checkpoint"] = str((base / checkpoint).resolve())
+    root = data.get("data", {}).get("root")
+    if root:
+        data["data"]["root"] = str(Path(root).expanduser().resolve())
+    return data
 
 
 def _copy(value: Any) -> Any:

@@ -38,7 +38,7 @@ from surgery.apply import apply_plan
 from surgery.errors import DataError, RecipeError, SurgeryError
 from surgery.optim import build_optimizer, build_scheduler, current_lrs, set_param_groups
 from surgery.plan import Plan, RecipeLike, plan
-from surgery.recipe import LoadedRecipe, load_recipe
+from surgery.recipe import LoadedRecipe, load_recipe, resolved_data
 
 __all__ = ["TrainResult", "feature_cache_reason", "train"]
 
@@ -141,25 +141,8 @@ def _load(recipe: RecipeLike, overrides: Sequence[str]) -> LoadedRecipe:
     return load_recipe(recipe, overrides)  # type: ignore[arg-type]
 
 
-def _recipe_dict(recipe: LoadedRecipe) -> dict[str, Any]:
-    """The fully resolved recipe as plain data: paths made absolute as the run resolved them (the checkpoint relative
-    to the recipe file, the data root to the working folder), so the copy in the output folder rebuilds the same run.
-    Python-API predicates become their repr."""
-    data = json.loads(json.dumps(recipe.model_dump(by_alias=True, exclude_none=True), default=repr))
-    if data.get("train", {}).get("stages"):
-        data["train"].pop("epochs", None)  # stages carry the epochs; both keys together are refused
-    checkpoint = (data.get("model") or {}).get("checkpoint")
-    if checkpoint and not Path(checkpoint).is_absolute():
-        base = Path(recipe.source).parent if not recipe.source.startswith("<") else Path.cwd()
-        data["model"]["checkpoint"] = str((base / checkpoint).resolve())
-    root = data.get("data", {}).get("root")
-    if root:
-        data["data"]["root"] = str(Path(root).expanduser().resolve())
-    return data
-
-
 def _recipe_hash(recipe: LoadedRecipe) -> str:
-    data = _recipe_dict(recipe)
+    data = resolved_data(recipe, predicates="repr")
     data.get("train", {}).pop("output_dir", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -889,7 +872,7 @@ class _Trainer:
         save_model(self.model, str(out / "model.safetensors"))
         if self.ema is not None:
             save_model(self.ema.module, str(out / "model_ema.safetensors"))
-        (out / "recipe.yaml").write_text(yaml.safe_dump(_recipe_dict(self.recipe), sort_keys=False))
+        (out / "recipe.yaml").write_text(yaml.safe_dump(resolved_data(self.recipe, predicates="repr"), sort_keys=False))
         (out / "plan.json").write_text(self.plan.to_json())
         if self.class_names is not None:
             (out / "classes.json").write_text(json.dumps(self.class_names, indent=1))

@@ -423,3 +423,22 @@ def test_schema_command_prints_json_schema(capsys) -> None:
     assert {"freeze", "unfreeze", "select", "lr", "lr_mult", "weight_decay"} <= set(rule)
     assert schema["$defs"]["Rule"]["additionalProperties"] is False
     assert all(prop.get("description") for prop in rule.values())
+
+
+def test_resolved_data_is_the_one_copy_runs_and_adapters_keep(tmp_path: Path) -> None:
+    from surgery.recipe import resolved_data
+
+    (tmp_path / "r.yaml").write_text(
+        "extends: gradual-unfreeze\nmodel: {name: test_resnet, checkpoint: w.safetensors}\ndata: {root: imgs}\n"
+    )
+    data = resolved_data(surgery.load_recipe(tmp_path / "r.yaml"))
+    assert data["model"]["checkpoint"] == str(tmp_path / "w.safetensors")
+    assert Path(data["data"]["root"]).is_absolute()
+    assert "epochs" not in data["train"] and len(data["train"]["stages"]) == 2
+    assert surgery.load_recipe(data).train.stages[1].lr == pytest.approx(1e-4), "the copy loads back"
+    with_predicate = surgery.load_recipe(
+        {"surgery": {"rules": [{"freeze": surgery.LayerRange(which=lambda i, name: i < 2)}]}}
+    )
+    with pytest.raises(RecipeError, match=r"which=callable\) cannot be saved as data; use layer indices or names"):
+        resolved_data(with_predicate)
+    assert "lambda" in resolved_data(with_predicate, predicates="repr")["surgery"]["rules"][0]["freeze"]["which"]
