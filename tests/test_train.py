@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,14 @@ from surgery.train import feature_cache_reason, latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    """A port no one listens on: each `accelerate launch` needs its own rendezvous port (the default, 29500, is
+    shared by every launch on the machine, so two concurrent launches, or one just after another, collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -371,6 +380,7 @@ def test_two_gloo_processes_end_with_the_same_weights(data: Path, tmp_path: Path
     (tmp_path / "rank.py").write_text(_RANK_SCRIPT)
     out = tmp_path / "out"
     cmd = [str(BIN / "accelerate"), "launch", *launch, "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--main_process_port", str(_free_port())]
     cmd += ["--dynamo_backend", "no", str(tmp_path / "rank.py"), str(tmp_path / "r.json"), str(out)]
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -403,10 +413,12 @@ def test_two_processes_interrupted_then_resumed_equal_an_uninterrupted_run(data:
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps(_recipe(data, epochs=3, batch_size=2, checkpoint_every_steps=2, deterministic=True)))
     launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "surgery", "train", str(recipe)]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    train_cmd = ["-m", "surgery", "train", str(recipe)]
 
-    def run(out: Path, *extra: str) -> subprocess.Popen:
-        cmd = [*launch, "--output", str(out), "--no-progress", *extra]
+    def run(out: Path, *extra: str) -> subprocess.Popen:  # the reference runs beside the stopped run: own ports
+        cmd = [*launch, "--main_process_port", str(_free_port()), *train_cmd, "--output", str(out), "--no-progress"]
+        cmd += extra
         pipe = subprocess.PIPE
         return subprocess.Popen(cmd, env=_env(), stdout=pipe, stderr=pipe, text=True, start_new_session=True)
 
