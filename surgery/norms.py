@@ -140,3 +140,15 @@ def frozen_class_name(module: _BatchNorm) -> str:
     if isinstance(module, nn.BatchNorm1d):
         return FrozenBatchNorm1d.__name__
     return "FrozenBatchNormAct2d" if type(module).__name__.startswith("BatchNormAct") else "FrozenBatchNorm2d"
+
+
+FROZEN_CLASSES: tuple[type[nn.Module], ...] = (
+    TorchvisionFrozenBatchNorm2d,
+    TimmFrozenBatchNormAct2d,
+    FrozenBatchNorm1d,
+)
+
+
+def frozen_batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    """Every BatchNorm already converted by :func:`freeze` (its affine tensors are buffers, so no rule reaches them)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FROZEN_CLASSES)}

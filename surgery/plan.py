@@ -415,9 +415,7 @@ def _plan_norms(
         if own:
             frozen = not any(trainable[n] for n in own)
         else:  # no affine parameters: frozen when its siblings are
-            parent = path.rsplit(".", 1)[0] if "." in path else ""
-            siblings = [n for n in trainable if n.startswith(parent + ".")] if parent else list(trainable)
-            frozen = not any(trainable[n] for n in siblings)
+            frozen = not any(trainable[n] for n in _siblings(path, trainable))
         kind = type(bn).__name__
         if isinstance(bn, norms_mod.StatsFixed):  # fixed by an earlier plan (a previous training stage)
             if policy == "train" or (policy != "eval" and not frozen):
@@ -437,12 +435,30 @@ def _plan_norms(
             if policy == "frozen":
                 warnings.append(f"{path}: {kind} has no frozen form; its statistics are fixed instead (norm: eval)")
             changes.append(NormChange(path, kind, "eval", f"StatsFixed{kind}", f"norm: {policy}, parameters frozen"))
+    thawed = [  # converted by norm: frozen in an earlier stage; a later stage trains the parameters around them
+        path
+        for path in norms_mod.frozen_batchnorms(model)
+        if not any(path == p or path.startswith(p + ".") for p in replaced)
+        and any(trainable[n] for n in _siblings(path, trainable))
+    ]
+    if thawed:
+        warnings.append(
+            f"{len(thawed)} FrozenBatchNorm layer(s), e.g. {thawed[0]}, stay frozen although the parameters around "
+            "them train: they hold buffers, not parameters, so no rule unfreezes them; for BatchNorms a later stage "
+            "can train, use surgery.norm=auto"
+        )
     if drifting:
         warnings.append(
             f"norm: train: the running statistics of {drifting} frozen BatchNorm layer(s) will still change in "
             "training; use norm: auto to keep them fixed"
         )
     return changes
+
+
+def _siblings(path: str, trainable: Mapping[str, bool]) -> list[str]:
+    """The parameters of the module that holds ``path`` (all of them for a top-level module)."""
+    parent = path.rsplit(".", 1)[0] if "." in path else ""
+    return [n for n in trainable if n.startswith(parent + ".")] if parent else list(trainable)
 
 
 def _describe_module(module: nn.Module) -> str:

@@ -324,3 +324,19 @@ def test_stage_that_unfreezes_batchnorm_lets_its_statistics_update_again() -> No
     before = bn.running_mean.clone()
     model(torch.randn(4, 3, 32, 32))
     assert not torch.equal(before, bn.running_mean)
+
+
+def test_a_later_stage_cannot_silently_leave_frozen_batchnorms_behind() -> None:
+    """norm: frozen makes BatchNorm affine tensors buffers; a stage that unfreezes what surrounds them says so."""
+    from surgery.stages import plan_stages
+
+    model = timm.create_model("test_resnet", pretrained=False)
+    recipe = surgery.load_recipe("gradual-unfreeze", ["surgery.heads.classifier.num_classes=3", "surgery.norm=frozen"])
+    (_, first), (_, second) = plan_stages(model, recipe)
+    frozen = [n for n in first.norms if n.action == "frozen"]
+    assert frozen and not any("FrozenBatchNorm layer(s)" in w for w in first.warnings)
+    (warning,) = [w for w in second.warnings if "FrozenBatchNorm layer(s)" in w]
+    assert warning.startswith(f"{len(frozen)} FrozenBatchNorm layer(s)") and "surgery.norm=auto" in warning
+    model = timm.create_model("test_resnet", pretrained=False)
+    auto = surgery.load_recipe("gradual-unfreeze", ["surgery.heads.classifier.num_classes=3"])
+    assert not any("FrozenBatchNorm" in w for _, p in plan_stages(model, auto) for w in p.warnings)
