@@ -513,13 +513,12 @@ def test_sigkill_mid_upload_loses_nothing_committed_and_shows_nothing_partial(tm
             "objects": [{"oid": sha256(pending), "size": len(pending)}],
             "ref": {"name": "main"},
         }
-        status, _, body = raw(
-            url,
-            "POST",
-            "/alice/crash.git/info/lfs/objects/batch",
-            json.dumps(batch).encode(),
-            {**auth, "Content-Type": "application/vnd.git-lfs+json"},
-        )
+
+        def ask_to_upload(url: str) -> tuple[int, dict, bytes]:  # the LFS batch request, before and after the crash
+            lfs = {**auth, "Content-Type": "application/vnd.git-lfs+json"}
+            return raw(url, "POST", "/alice/crash.git/info/lfs/objects/batch", json.dumps(batch).encode(), lfs)
+
+        status, _, body = ask_to_upload(url)
         assert status == 200
         href = urllib.parse.urlsplit(json.loads(body)["objects"][0]["actions"]["upload"]["href"])
         u = urllib.parse.urlsplit(url)
@@ -567,13 +566,7 @@ def test_sigkill_mid_upload_loses_nothing_committed_and_shows_nothing_partial(tm
         assert list((root / "tmp").iterdir()) == []  # partial uploads were discarded on start
         got = hf_hub_download("alice/crash", "committed.bin", endpoint=url, cache_dir=tmp_path / "c", token=False)
         assert sha256(Path(got).read_bytes()) == sha256(committed)
-        status, _, body = raw(
-            url,
-            "POST",
-            "/alice/crash.git/info/lfs/objects/batch",
-            json.dumps(batch).encode(),
-            {**auth, "Content-Type": "application/vnd.git-lfs+json"},
-        )
+        status, _, body = ask_to_upload(url)
         assert "actions" in json.loads(body)["objects"][0]  # the half-sent object was never stored
         oid = sha256(pending)
         assert not (root / "repos" / "model" / "alice" / "crash" / "lfs" / oid[:2] / oid[2:]).exists()
