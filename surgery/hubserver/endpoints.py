@@ -12,7 +12,7 @@ import re
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from surgery.hubserver.common import (
     COMMITS_PAGE,
@@ -83,9 +83,9 @@ class Handler(BaseHandler):
             ("POST", "preupload", 1): lambda: self._preupload(kind, ns, name, rest[1]),
             ("POST", "commit", 1): lambda: self._commit(kind, ns, name, rest[1]),
             ("POST", "branch", 1): lambda: self._create_branch(kind, ns, name, rest[1]),
-            ("DELETE", "branch", 1): lambda: self._delete_branch(kind, ns, name, rest[1]),
+            ("DELETE", "branch", 1): lambda: self._delete_ref(kind, ns, name, "branch", rest[1]),
             ("POST", "tag", 1): lambda: self._create_tag(kind, ns, name, rest[1]),
-            ("DELETE", "tag", 1): lambda: self._delete_tag(kind, ns, name, rest[1]),
+            ("DELETE", "tag", 1): lambda: self._delete_ref(kind, ns, name, "tag", rest[1]),
             ("PUT", "settings", 0): lambda: self._settings(kind, ns, name),
         }
         if op == "tree" and len(rest) >= 2 and method == "GET":
@@ -445,18 +445,6 @@ class Handler(BaseHandler):
             store.write_refs(rdir, refs)
         self._json({"success": True})
 
-    def _delete_branch(self, kind: str, ns: str, name: str, branch: str) -> None:
-        rdir, _ = self._repo(kind, ns, name, write=f"deleting a branch of {ns}/{name}")
-        if branch == "main":
-            raise ApiError(403, "Cannot delete the default branch 'main'")
-        store = self.server.store
-        with store.lock(rdir):
-            refs = store.refs(rdir)
-            if refs["branches"].pop(branch, None) is None:
-                raise ApiError(404, f"Branch {branch!r} not found", "RevisionNotFound")
-            store.write_refs(rdir, refs)
-        self._json({"success": True})
-
     def _create_tag(self, kind: str, ns: str, name: str, rev: str) -> None:
         rdir, _ = self._repo(kind, ns, name, write=f"creating a tag in {ns}/{name}")
         body = self._read_json()
@@ -471,13 +459,15 @@ class Handler(BaseHandler):
             store.write_refs(rdir, refs)
         self._json({"success": True})
 
-    def _delete_tag(self, kind: str, ns: str, name: str, tag: str) -> None:
-        rdir, _ = self._repo(kind, ns, name, write=f"deleting a tag of {ns}/{name}")
+    def _delete_ref(self, kind: str, ns: str, name: str, ref_kind: Literal["branch", "tag"], ref: str) -> None:
+        rdir, _ = self._repo(kind, ns, name, write=f"deleting a {ref_kind} of {ns}/{name}")
+        if ref_kind == "branch" and ref == "main":
+            raise ApiError(403, "Cannot delete the default branch 'main'")
         store = self.server.store
         with store.lock(rdir):
             refs = store.refs(rdir)
-            if refs["tags"].pop(tag, None) is None:
-                raise ApiError(404, f"Tag {tag!r} not found", "RevisionNotFound")
+            if refs[{"branch": "branches", "tag": "tags"}[ref_kind]].pop(ref, None) is None:
+                raise ApiError(404, f"{ref_kind.capitalize()} {ref!r} not found", "RevisionNotFound")
             store.write_refs(rdir, refs)
         self._json({"success": True})
 
