@@ -56,9 +56,9 @@ def adapter_size(work: Path) -> dict[str, float]:
 
 
 def transfer(work: Path, mb: int, rounds: int) -> dict[str, list[float]]:
-    from surgery import hub
-    from surgery.hub_server import add_token
-    from surgery.hubserver.server import spawn
+    from surgery.hub import client as hub
+    from surgery.hub.server import add_token
+    from surgery.hub.server.server import spawn
 
     payload = work / "payload" / "payload.dat"
     payload.parent.mkdir()

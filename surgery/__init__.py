@@ -7,63 +7,116 @@ it against a model without touching it; :func:`apply` makes it real and returns 
     >>> import timm, surgery
     >>> model = timm.create_model("resnet18", pretrained=False)
     >>> p = surgery.apply(model, "linear-probe", )  # doctest: +SKIP
+
+The public names are imported lazily (PEP 562): ``import surgery`` costs nothing, so the hub server and the CLI's
+light commands never load torch or timm. ``surgery.NAME`` imports the module that defines NAME on first use.
 """
 
-from surgery.adapter import fingerprint, load, merge, save_adapter
-from surgery.apply import apply, apply_plan
-from surgery.errors import (
-    AdapterError,
-    DataError,
-    HeadError,
-    HubError,
-    ModelError,
-    NoMatchingParameterError,
-    NothingTrainableError,
-    RecipeError,
-    SurgeryError,
-)
-from surgery.hub import push, push_folder
-from surgery.models import build_model
-from surgery.plan import HeadChange, NormChange, ParamPlan, Plan, plan
-from surgery.recipe import builtin_recipes, load_recipe
-from surgery.schema import HeadSpec, LayerRange, ModelSpec, OptimSpec, Recipe, Rule, SurgerySpec, json_schema
-from surgery.train import train
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import sys
+import types
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "AdapterError",
-    "DataError",
-    "HeadChange",
-    "HeadError",
-    "HeadSpec",
-    "HubError",
-    "LayerRange",
-    "ModelError",
-    "ModelSpec",
-    "NoMatchingParameterError",
-    "NormChange",
-    "NothingTrainableError",
-    "OptimSpec",
-    "ParamPlan",
-    "Plan",
-    "Recipe",
-    "RecipeError",
-    "Rule",
-    "SurgeryError",
-    "SurgerySpec",
-    "apply",
-    "apply_plan",
-    "build_model",
-    "builtin_recipes",
-    "fingerprint",
-    "json_schema",
-    "load",
-    "load_recipe",
-    "merge",
-    "plan",
-    "train",
-    "push",
-    "push_folder",
-    "save_adapter",
-]
+try:
+    __version__ = version("timm-surgery")  # one source of truth: pyproject.toml
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "AdapterError": "surgery.errors",
+    "DataError": "surgery.errors",
+    "HeadError": "surgery.errors",
+    "HubError": "surgery.errors",
+    "ModelError": "surgery.errors",
+    "NoMatchingParameterError": "surgery.errors",
+    "NothingTrainableError": "surgery.errors",
+    "RecipeError": "surgery.errors",
+    "SurgeryError": "surgery.errors",
+    "fingerprint": "surgery.adapter",
+    "load": "surgery.adapter",
+    "merge": "surgery.adapter",
+    "save_adapter": "surgery.adapter",
+    "apply": "surgery.apply",
+    "apply_plan": "surgery.apply",
+    "push": "surgery.hub.client",
+    "push_folder": "surgery.hub.client",
+    "build_model": "surgery.models",
+    "HeadChange": "surgery.plan",
+    "NormChange": "surgery.plan",
+    "ParamPlan": "surgery.plan",
+    "Plan": "surgery.plan",
+    "plan": "surgery.plan",
+    "builtin_recipes": "surgery.recipe",
+    "load_recipe": "surgery.recipe",
+    "HeadSpec": "surgery.schema",
+    "LayerRange": "surgery.schema",
+    "ModelSpec": "surgery.schema",
+    "OptimSpec": "surgery.schema",
+    "Recipe": "surgery.schema",
+    "Rule": "surgery.schema",
+    "SurgerySpec": "surgery.schema",
+    "json_schema": "surgery.schema",
+    "train": "surgery.train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """Importing ``surgery.plan`` (the module) makes Python set ``surgery.plan``; the function of that name keeps it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            return  # plan, apply, train: `from surgery.plan import ...` still works through sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from surgery.adapter import fingerprint, load, merge, save_adapter  # noqa: F401
+    from surgery.apply import apply, apply_plan  # noqa: F401
+    from surgery.errors import (  # noqa: F401
+        AdapterError,
+        DataError,
+        HeadError,
+        HubError,
+        ModelError,
+        NoMatchingParameterError,
+        NothingTrainableError,
+        RecipeError,
+        SurgeryError,
+    )
+    from surgery.hub.client import push, push_folder  # noqa: F401
+    from surgery.models import build_model  # noqa: F401
+    from surgery.plan import HeadChange, NormChange, ParamPlan, Plan, plan  # noqa: F401
+    from surgery.recipe import builtin_recipes, load_recipe  # noqa: F401
+    from surgery.schema import (  # noqa: F401
+        HeadSpec,
+        LayerRange,
+        ModelSpec,
+        OptimSpec,
+        Recipe,
+        Rule,
+        SurgerySpec,
+        json_schema,
+    )
+    from surgery.train import train  # noqa: F401

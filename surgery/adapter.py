@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from surgery import hub as hub_mod
 from surgery.errors import AdapterError, RecipeError, SurgeryError
+from surgery.hub import client as hub_mod
 from surgery.norms import FrozenBatchNorm1d, StatsFixed, release
 from surgery.plan import Plan
 

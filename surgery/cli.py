@@ -153,7 +153,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from surgery.hub import push_folder
+    from surgery.hub.client import push_folder
 
     result = push_folder(args.folder, args.repo, private=args.private, revision=args.revision, message=args.message)
     print(result.url)
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if argv[:1] == ["hub"]:  # `surgery hub serve|token ...` is the hub server's own small CLI
-        from surgery.hubserver.cli import main as hub_main
+        from surgery.hub.server.cli import main as hub_main
 
         return hub_main(argv[1:], prog="surgery hub")
     try:

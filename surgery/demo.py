@@ -44,8 +44,8 @@ def _say(message: str) -> None:
 
 def _start_hub(root: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     """The embedded default: the project's hub server on 127.0.0.1 with a write token for the demo user."""
-    from surgery.hubserver.server import spawn
-    from surgery.hubserver.tokens import add_token
+    from surgery.hub.server.server import spawn
+    from surgery.hub.server.tokens import add_token
 
     token = add_token(root, NAMESPACE, "write")
     proc, url = spawn(root)
@@ -125,7 +125,7 @@ def _publish_timm(model: Any, folder: Path, repo: str, labels: list[str]) -> str
     """Write a timm-format folder (config.json + model.safetensors) and push it; returns the pinned reference."""
     import timm.models
 
-    from surgery.hub import push_folder
+    from surgery.hub.client import push_folder
 
     shutil.rmtree(folder, ignore_errors=True)
     timm.models.save_for_hf(

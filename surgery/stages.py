@@ -67,6 +67,18 @@ def stage_recipe(recipe: LoadedRecipe, stages: list[StageSpec], index: int, firs
     return recipe.model_copy(update={"surgery": surgery, "optim": optim})
 
 
+def plan_stage(model: nn.Module, recipe: LoadedRecipe, index: int, first: Plan | None) -> Plan:
+    """Plan stage ``index`` on ``model`` as it is now and apply it; ``first`` is stage 0's plan (None for stage 0).
+
+    The one place a stage is replayed: ``surgery plan`` (on a meta model), the trainer (on the live model, at each stage
+    boundary and when resuming) and :func:`surgery.load` (on the base, to rebuild the trained structure) all call it.
+    """
+    stages = stage_specs(recipe.train) or [StageSpec(epochs=1)]
+    if index > 0 or recipe.train.stages:
+        check_stage_rules(model, recipe, index)
+    return apply_plan(model, plan(model, stage_recipe(recipe, stages, index, first)))
+
+
 def plan_stages(model: nn.Module, recipe: LoadedRecipe) -> list[tuple[StageSpec, Plan]]:
     """The plan of every stage, in order, as the trainer will make them. Applies each stage's plan to ``model`` on
     the way (later stages are planned on the model the earlier ones left), so pass a throwaway, e.g. a meta-device
@@ -75,8 +87,7 @@ def plan_stages(model: nn.Module, recipe: LoadedRecipe) -> list[tuple[StageSpec,
     out: list[tuple[StageSpec, Plan]] = []
     first: Plan | None = None
     for index, stage in enumerate(stages):
-        current = plan(model, stage_recipe(recipe, stages, index, first))
-        apply_plan(model, current)
+        current = plan_stage(model, recipe, index, first)
         first = first or current
         out.append((stage, current))
     return out

@@ -881,7 +881,7 @@ class _Trainer:
             _plot(self.history, out / "learning_curve.png")
         save_outputs(self.model, self.plan, out)
         if self.recipe.hub.repo:
-            from surgery.hub import push_from_recipe
+            from surgery.hub.client import push_from_recipe
 
             pushed = push_from_recipe(out, self.recipe.hub, progress=self.progress)
             if pushed is not None:

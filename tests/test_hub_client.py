@@ -25,8 +25,8 @@ import surgery
 from surgery.adapter import fingerprint, read_info, save_adapter
 from surgery.cli import main
 from surgery.errors import AdapterError, HubError
-from surgery.hub import push_folder, push_from_recipe
-from surgery.hub_server import HubServer, add_token
+from surgery.hub.client import push_folder, push_from_recipe
+from surgery.hub.server import HubServer, add_token
 from surgery.models import build_model
 from surgery.recipe import load_recipe
 
@@ -186,7 +186,7 @@ def test_a_hub_base_is_pinned_to_the_commit_it_was_trained_on(hub, tmp_path: Pat
         import json, surgery, torch
         from safetensors.torch import load_file, save_file
         from surgery.adapter import fingerprint, save_adapter
-        from surgery.hub import push_from_recipe
+        from surgery.hub.client import push_from_recipe
         recipe = surgery.load_recipe(json.loads({json.dumps(recipe)!r}))
         model = surgery.build_model(recipe.model)
         base = fingerprint(model)

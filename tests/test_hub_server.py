@@ -43,8 +43,8 @@ from huggingface_hub.errors import (
 )
 
 from surgery.errors import HubError
-from surgery.hub_server import HubServer, add_token, list_tokens, main, revoke_token
-from surgery.hubserver.storage import Store
+from surgery.hub.server import HubServer, add_token, list_tokens, main, revoke_token
+from surgery.hub.server.storage import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIG = 11 * 1024 * 1024  # above the 10 MiB threshold: must travel through LFS
@@ -178,7 +178,7 @@ def test_upload_folder_with_lfs_then_download_and_snapshot(hub, tmp_path, caplog
     assert snap.name == info.oid
 
     # Same bytes at a new path: the LFS batch says "already stored", so no second PUT happens.
-    caplog.set_level(logging.INFO, logger="surgery.hubserver")
+    caplog.set_level(logging.INFO, logger="surgery.hub.server")
     caplog.clear()
     api.upload_file(path_or_fileobj=files["big.dat"], path_in_repo="copy/big.dat", repo_id="alice/weights")
     assert not [r for r in caplog.records if "PUT /lfs-upload" in r.getMessage()]
@@ -465,7 +465,7 @@ def _start_process(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with log.open("a") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "surgery.hub_server", "--root", str(root)],
+            [sys.executable, "-m", "surgery.hub.server", "--root", str(root)],
             cwd=REPO_ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -583,7 +583,7 @@ def test_sigkill_mid_upload_loses_nothing_committed_and_shows_nothing_partial(tm
 
 
 def test_token_cli_and_revocation_take_effect_on_a_running_server(hub, capsys):
-    """``token add|list|revoke`` through ``main(argv)`` (the same function ``python -m surgery.hub_server`` runs)."""
+    """``token add|list|revoke`` through ``main(argv)`` (the same function ``python -m surgery.hub.server`` runs)."""
     assert main(["token", "add", "carol", "--role", "read", "--root", str(hub.root)]) == 0
     token = capsys.readouterr().out.strip()
     assert token.startswith("hf_") and token not in (hub.root / "tokens.json").read_text()

@@ -5,10 +5,10 @@ Point a client at it with ``HF_ENDPOINT=<url> HF_HUB_DISABLE_XET=1``; the real c
 The wire contract is the project's verified HUB_API.md spec; usage is in ``docs/hub-server.md``. Standard library
 only. Modules: ``common`` (constants, validation, errors), ``tokens``, ``storage`` (repos on disk), ``wire``
 (HTTP plumbing, access checks), ``endpoints`` (one method per API endpoint), ``server`` (:class:`HubServer`,
-:func:`serve`) and ``cli`` (:func:`main`). ``surgery.hub_server`` re-exports the public API.
+:func:`serve`) and ``cli`` (:func:`main`). ``surgery.hub.server`` re-exports the public API.
 
-Run it with ``python -m surgery.hub_server --root DIR [--host H] [--port N]`` (prints the URL once listening) and
-create tokens with ``python -m surgery.hub_server token add USER --role write|read --root DIR``.
+Run it with ``python -m surgery.hub.server --root DIR [--host H] [--port N]`` (prints the URL once listening) and
+create tokens with ``python -m surgery.hub.server token add USER --role write|read --root DIR``.
 
 Storage, under ``--root``::
 
@@ -40,8 +40,8 @@ Access policy (decided here, since the real Hub's org/role model is out of scope
 
 from __future__ import annotations
 
-from surgery.hubserver.cli import main
-from surgery.hubserver.server import HubServer, serve
-from surgery.hubserver.tokens import add_token, list_tokens, revoke_token
+from surgery.hub.server.cli import main
+from surgery.hub.server.server import HubServer, serve
+from surgery.hub.server.tokens import add_token, list_tokens, revoke_token
 
 __all__ = ["HubServer", "add_token", "list_tokens", "main", "revoke_token", "serve"]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from surgery.hubserver.common import (
+from surgery.hub.server.common import (
     CHUNK,
     DEFAULT_GITATTRIBUTES,
     HEX40,

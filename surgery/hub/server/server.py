@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import HubError
-from surgery.hubserver.endpoints import Handler
-from surgery.hubserver.storage import Store
-from surgery.hubserver.tokens import TokenStore
+from surgery.hub.server.endpoints import Handler
+from surgery.hub.server.storage import Store
+from surgery.hub.server.tokens import TokenStore
 
 try:
     import fcntl
@@ -181,12 +181,12 @@ def serve(root: Path | str, host: str = "127.0.0.1", port: int = 0, *, public_ur
 def spawn(
     root: Path | str, *, port: int = 0, quiet: bool = True, stderr: Any = None, timeout: float = 60
 ) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m surgery.hub_server`` in a child process; returns it and its URL once it is listening.
+    """Start ``python -m surgery.hub.server`` in a child process; returns it and its URL once it is listening.
 
     For jobs that need the hub in another process than their own (the demo, benchmarks, crash tests): the caller
     stops it with ``proc.terminate()``.
     """
-    argv = [sys.executable, "-m", "surgery.hub_server", "--root", str(root), "--port", str(port)]
+    argv = [sys.executable, "-m", "surgery.hub.server", "--root", str(root), "--port", str(port)]
     proc = subprocess.Popen([*argv, "--quiet"] if quiet else argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     url = proc.stdout.readline().strip() if ready and proc.stdout else ""

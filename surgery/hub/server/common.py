@@ -20,7 +20,7 @@ MAX_COMMIT_LINE = 96 * 1024 * 1024
 UPLOAD_URL_TTL = 3600
 COMMITS_PAGE = 50
 TREE_PAGE = 1000
-TOKEN_HELP = "create one with `python -m surgery.hub_server token add USER --role write --root DIR`"
+TOKEN_HELP = "create one with `python -m surgery.hub.server token add USER --role write --root DIR`"
 RESERVED_NAMES = {"api", "datasets", "spaces", "models", "lfs-upload", "lfs-verify", "resolve"}
 LFS_PATTERNS = (
     "*.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack *.npy *.npz "

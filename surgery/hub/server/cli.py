@@ -1,4 +1,4 @@
-"""``python -m surgery.hub_server``: serve a root, or manage its tokens. ``main(argv)`` is reusable by other CLIs."""
+"""``python -m surgery.hub.server``: serve a root, or manage its tokens. ``main(argv)`` is reusable by other CLIs."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from surgery.errors import HubError
-from surgery.hubserver.common import ROLES
-from surgery.hubserver.server import serve
-from surgery.hubserver.tokens import add_token, list_tokens, revoke_token
+from surgery.hub.server.common import ROLES
+from surgery.hub.server.server import serve
+from surgery.hub.server.tokens import add_token, list_tokens, revoke_token
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m surgery.hub_server") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m surgery.hub.server") -> int:
     """CLI: ``[serve] --root DIR [--host H] [--port N]`` or ``token add|list|revoke ... --root DIR``.
 
     Returns the exit status (2 on a :class:`HubError`). ``prog`` lets another CLI (``surgery hub``) reuse it.

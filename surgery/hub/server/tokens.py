@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from surgery.errors import HubError
-from surgery.hubserver.common import ROLES, ApiError, now_iso, validate_name
+from surgery.hub.server.common import ROLES, ApiError, now_iso, validate_name
 
 try:
     import fcntl

@@ -1,7 +1,7 @@
 """Hub client: push a folder as one commit, download adapters and base models, resolve revisions.
 
 Everything goes through the real ``huggingface_hub`` client, so any server speaking the Hugging Face Hub API works:
-huggingface.co or the project's own ``surgery.hub_server``. Configuration is what Hugging Face users already know:
+huggingface.co or the project's own ``surgery.hub.server``. Configuration is what Hugging Face users already know:
 
 - ``HF_ENDPOINT``: the hub's base URL. Read at every call (not only when ``huggingface_hub`` is imported), so setting it
   late in a notebook works for this module. timm's own ``hf-hub:`` loading reads it once, at import.

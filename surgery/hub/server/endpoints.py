@@ -14,7 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
-from surgery.hubserver.common import (
+from surgery.hub.server.common import (
     COMMITS_PAGE,
     HEX64,
     KINDS,
@@ -33,8 +33,8 @@ from surgery.hubserver.common import (
     validate_path,
     validate_ref,
 )
-from surgery.hubserver.storage import file_entry, lfs_patterns_of, matches_lfs, tree_listing
-from surgery.hubserver.wire import BaseHandler
+from surgery.hub.server.storage import file_entry, lfs_patterns_of, matches_lfs, tree_listing
+from surgery.hub.server.wire import BaseHandler
 
 
 class Handler(BaseHandler):

@@ -11,12 +11,12 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgery.hubserver.common import CHUNK, MAX_JSON_BODY, NAME_RE, TOKEN_HELP, WEB_PREFIX, ApiError, ClientGone, bad
+from surgery.hub.server.common import CHUNK, MAX_JSON_BODY, NAME_RE, TOKEN_HELP, WEB_PREFIX, ApiError, ClientGone, bad
 
 if TYPE_CHECKING:
-    from surgery.hubserver.server import HubHTTPServer
+    from surgery.hub.server.server import HubHTTPServer
 
-logger = logging.getLogger("surgery.hubserver")
+logger = logging.getLogger("surgery.hub.server")
 
 
 class Body:
