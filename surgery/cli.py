@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    sub.add_parser("hub", help="run the self-hosted hub: `surgery hub serve --root DIR`, `surgery hub token add USER`")
+    sub.add_parser("hub", help="the self-hosted hub: `surgery hub serve|token|gc --root DIR` (`surgery hub --help`)")
 
     p = sub.add_parser("schema", help="print the JSON Schema of recipe files")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

@@ -64,7 +64,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     """One server for the module, with tokens: alice (write), alice (read-only) and bob (write)."""
     root = tmp_path_factory.mktemp("hub")
     tokens = {
-        "alice": add_token(root, "alice"),
+        "alice": add_token(root, "alice", "write"),
         "alice_ro": add_token(root, "alice", "read"),
         "bob": add_token(root, "bob", role="write"),
     }
@@ -438,7 +438,7 @@ def test_concurrent_commits_are_serialized(hub, tmp_path):
 
 def test_failure_before_ref_update_exposes_nothing(tmp_path, monkeypatch):
     """If the server dies after writing a commit object but before moving the ref, the commit stays invisible."""
-    token = add_token(tmp_path, "alice")
+    token = add_token(tmp_path, "alice", "write")
     with HubServer(tmp_path) as server:
         api = HfApi(endpoint=server.url, token=token)
         api.create_repo("alice/atomic")
@@ -489,7 +489,7 @@ def _wait_for(predicate, timeout: float = 15) -> None:
 
 def test_sigkill_mid_upload_loses_nothing_committed_and_shows_nothing_partial(tmp_path):
     root, log = tmp_path / "root", tmp_path / "server.log"
-    token = add_token(root, "alice")
+    token = add_token(root, "alice", "write")
     auth = {"authorization": f"Bearer {token}"}
     proc, url = _start_process(root, log)
     socks: list[socket.socket] = []

@@ -1,4 +1,8 @@
-"""Constants, typed HTTP errors, name/path validation and small hashing helpers of the hub server."""
+"""Constants, limits, typed HTTP errors, name/path validation and small helpers of the hub server.
+
+The bottom of the server's import graph: ``common`` <- ``schema``, ``card``, ``tokens``, ``storage`` <- ``gc``,
+``wire`` <- ``endpoints`` <- ``server`` <- ``cli``. Nothing here imports another module of the package.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,10 @@ MAX_COMMIT_LINE = 96 * 1024 * 1024
 UPLOAD_URL_TTL = 3600
 COMMITS_PAGE = 50
 TREE_PAGE = 1000
-TOKEN_HELP = "create one with `python -m surgery.hub.server token add USER --role write --root DIR`"
+TOKEN_HELP = "create one with `surgery hub token add USER --role write --root DIR`"
+DIR_MODE = 0o700  # every directory and file under the root is the server's alone: private repos stay private
+FILE_MODE = 0o600
+GB = 1000**3
 RESERVED_NAMES = {"api", "datasets", "spaces", "models", "lfs-upload", "lfs-verify", "resolve"}
 LFS_PATTERNS = (
     "*.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack *.npy *.npz "
@@ -33,6 +41,29 @@ REF_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@=/-]{0,199}")
 HEX40 = re.compile(r"[0-9a-f]{40}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one server; every request that exceeds one is refused before any work is done.
+
+    ``max_lfs_size``: largest LFS object the batch endpoint signs an upload for (the Hub's 50 GB);
+    ``max_json_body``: largest JSON request body; ``max_commit_body``: largest commit (NDJSON) body, whose inline
+    files are each below the 10 MiB LFS threshold; ``max_connections``: connections served at once (more get 503);
+    ``idle_timeout``: seconds a connection may stay silent (between requests or mid-body) before it is closed.
+    """
+
+    max_lfs_size: int = 50 * GB
+    max_json_body: int = MAX_JSON_BODY
+    max_commit_body: int = 2 * GB
+    max_connections: int = 64
+    idle_timeout: float = 60.0
+
+    @property
+    def max_body(self) -> int:
+        """No request body may be larger than this, whatever the endpoint."""
+        return max(self.max_lfs_size, self.max_commit_body, self.max_json_body)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,6 +121,21 @@ def validate_ref(value: Any, what: str = "branch") -> str:
     return value
 
 
+def log_safe(value: Any) -> str:
+    """``value`` as one printable ASCII line: control and non-ASCII characters become ``\\xNN`` escapes.
+
+    Everything a client sends (paths, repo ids, messages) goes through this before reaching the log, so a ``%0a``
+    in a request cannot forge a log line.
+    """
+    return _UNPRINTABLE.sub(lambda m: "".join(f"\\x{b:02x}" for b in m.group().encode()), str(value))
+
+
+def strip_signature(path: str) -> str:
+    """A request target without its query string when the query carries a signature (never log signed URLs)."""
+    target, sep, query = path.partition("?")
+    return f"{target}?<signed>" if sep and ("sig=" in query or "signature" in query.lower()) else path
+
+
 def now_iso() -> str:
     """Current UTC time in the only format the client parses (``...T12:34:56.789Z``)."""
     t = datetime.now(timezone.utc)
@@ -102,6 +148,16 @@ def git_oid(data: bytes) -> str:
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def mkdir_private(path: Path) -> None:
+    """Create ``path`` (and missing parents) with mode 0700; existing directories are left as they are."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+
+
+def open_private(path: Path) -> Any:
+    """Create ``path`` exclusively with mode 0600 and return it open for binary writing."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
 
 
 def shard(base: Path, oid: str, suffix: str = "") -> Path:

@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
+from surgery.hub.server.card import card_fields
 from surgery.hub.server.common import (
     COMMITS_PAGE,
     HEX64,
@@ -21,7 +22,6 @@ from surgery.hub.server.common import (
     LFS_MIN_SIZE,
     LFS_PATTERNS,
     MAX_COMMIT_LINE,
-    MAX_JSON_BODY,
     TREE_PAGE,
     UPLOAD_URL_TTL,
     WEB_PREFIX,
@@ -32,6 +32,21 @@ from surgery.hub.server.common import (
     validate_name,
     validate_path,
     validate_ref,
+)
+from surgery.hub.server.schema import (
+    COMMIT_LINE,
+    COMMIT_OPS,
+    CREATE_BRANCH,
+    CREATE_REPO,
+    CREATE_TAG,
+    DELETE_REPO,
+    LFS_BATCH,
+    LFS_VERIFY,
+    PATHS_INFO,
+    PREUPLOAD,
+    SETTINGS,
+    VALIDATE_YAML,
+    validate,
 )
 from surgery.hub.server.storage import file_entry, lfs_patterns_of, matches_lfs, tree_listing
 from surgery.hub.server.wire import BaseHandler
@@ -70,6 +85,8 @@ class Handler(BaseHandler):
         handler = simple.get((method, "/".join(segs)))
         if handler:
             return handler()
+        if method == "GET" and len(segs) == 1 and segs[0] in KINDS:
+            return self._list_repos(KINDS[segs[0]])
         if len(segs) < 3 or segs[0] not in KINDS:
             raise ApiError(404, f"No route for {method} {self.raw_path}")
         kind, ns, name, rest = KINDS[segs[0]], segs[1], segs[2], segs[3:]
@@ -118,18 +135,12 @@ class Handler(BaseHandler):
         )
 
     def _validate_yaml(self) -> None:
-        self._body.read_all(MAX_JSON_BODY)
+        self._read_json(VALIDATE_YAML)
         self._json({"errors": [], "warnings": []})
 
-    def _kind_from_body(self, body: dict) -> str:
-        kind = body.get("type") or "model"
-        if kind not in WEB_PREFIX:
-            raise bad(f"Invalid repo type {kind!r}: use model, dataset or space")
-        return kind
-
     def _create_repo(self) -> None:
-        body = self._read_json()
-        kind = self._kind_from_body(body)
+        body = self._read_json(CREATE_REPO)
+        kind = body.get("type") or "model"
         name = validate_name(body.get("name"), "repo name")
         ns = body.get("organization")
         if ns is None:
@@ -139,17 +150,18 @@ class Handler(BaseHandler):
             ns = caller["user"]
         validate_name(ns, "namespace")
         caller = self._require_write(ns, f"creating {ns}/{name}")
-        private = body.get("visibility") == "private" if "visibility" in body else bool(body.get("private", False))
+        vis = body.get("visibility")
+        private = vis == "private" if vis is not None else bool(body.get("private"))
         url = self._repo_url(kind, ns, name)
         if not self.server.store.create_repo(kind, ns, name, private, caller["user"]):
             raise ApiError(409, f"You already created this {kind} repo: {ns}/{name}", url=url)
         self._json({"url": url, "name": f"{ns}/{name}", "id": f"{ns}/{name}"})
 
     def _delete_repo(self) -> None:
-        body = self._read_json()
-        kind = self._kind_from_body(body)
+        body = self._read_json(DELETE_REPO)
+        kind = body.get("type") or "model"
         ns = body.get("organization") or (self._caller() or {}).get("user") or ""
-        rdir, _ = self._repo(kind, ns, str(body.get("name")), write=f"deleting {ns}/{body.get('name')}")
+        rdir, _ = self._repo(kind, ns, body["name"], write=f"deleting {ns}/{body['name']}")
         if not self.server.store.delete_repo(rdir):
             raise ApiError(404, f"Repository {ns}/{body.get('name')} not found", "RepoNotFound")
         self.server.store.forget(rdir)
@@ -157,12 +169,14 @@ class Handler(BaseHandler):
 
     def _settings(self, kind: str, ns: str, name: str) -> None:
         rdir, _ = self._repo(kind, ns, name, write=f"changing the settings of {ns}/{name}")
-        body = self._read_json()
-        if "visibility" in body or "private" in body:
-            vis = body.get("visibility")
-            self.server.store.set_private(rdir, vis == "private" if vis else bool(body.get("private")))
+        body = self._read_json(SETTINGS)  # every key checked before anything is written
         if body.get("gated") not in (None, False):
             raise bad("Gated repos are not supported by this hub")
+        vis, private = body.get("visibility"), body.get("private")
+        if vis is not None and private is not None and (vis == "private") != private:
+            raise bad("Invalid request body: 'visibility' and 'private' disagree")
+        if vis is not None or private is not None:
+            self.server.store.set_private(rdir, vis == "private" if vis is not None else bool(private))
         self._json({"success": True})
 
     # --- reading
@@ -179,6 +193,12 @@ class Handler(BaseHandler):
                 if "lfs" in e:
                     sib["lfs"] = {"sha256": e["lfs"]["oid"], "size": e["size"], "pointerSize": e["lfs"]["pointerSize"]}
             siblings.append(sib)
+        info = self._summary(kind, ns, name, rdir, meta, sha, commit)
+        info["siblings"] = siblings
+        self._json(info)
+
+    def _summary(self, kind: str, ns: str, name: str, rdir: Path, meta: dict, sha: str, commit: dict) -> dict:
+        """The repo fields of ``model_info`` and ``list_models``, with the card's metadata (README front matter)."""
         info = {
             "_id": meta["uid"][:24],
             "id": f"{ns}/{name}",
@@ -192,11 +212,54 @@ class Handler(BaseHandler):
             "downloads": 0,
             "likes": 0,
             "tags": [],
-            "siblings": siblings,
+            **card_fields(self.server.store.card(rdir, commit["files"])),
         }
         if kind == "model":
             info["modelId"] = info["id"]
-        self._json(info)
+        return info
+
+    def _list_repos(self, kind: str) -> None:
+        """``GET /api/models`` (``list_models``): public repos and the caller's own, filtered as the Hub does.
+
+        ``search``: case-insensitive substring of the repo id; ``author``: the namespace; ``filter``: tags that must
+        all be present; ``sort`` (``id``, ``lastModified``, ``createdAt``) with ``direction=-1`` for descending;
+        ``limit``; ``full`` adds siblings; ``cardData`` is always included.
+        """
+        q = {k: v[-1] for k, v in self.query.items()}
+        search, author = q.get("search", "").lower(), q.get("author")
+        wanted = set(self.query.get("filter", []))
+        try:
+            limit = int(q.get("limit", "1000"))
+        except ValueError:
+            raise bad("Invalid 'limit': use an integer") from None
+        if not 0 < limit <= 10_000:
+            raise bad("Invalid 'limit': use 1 to 10000")
+        sort = q.get("sort", "id")
+        if sort not in ("id", "lastModified", "createdAt", "downloads", "likes", "trendingScore"):
+            raise bad(f"Invalid 'sort' {sort!r}: use id, lastModified or createdAt")
+        full = q.get("full", "").lower() in ("true", "1")
+        caller = self._caller()
+        store, out = self.server.store, []
+        for ns, name, rdir, meta in store.iter_repos(kind):
+            if meta["private"] and (caller is None or caller["user"] != ns):
+                continue
+            if (author and ns != author) or (search and search not in f"{ns}/{name}".lower()):
+                continue
+            sha = store.resolve(rdir, "main")
+            commit = store.commit(rdir, sha) if sha else None
+            if commit is None:
+                continue
+            item = self._summary(kind, ns, name, rdir, meta, sha, commit)
+            if wanted and not wanted <= set(item["tags"]):
+                continue
+            if full:
+                item["siblings"] = [{"rfilename": p} for p in sorted(commit["files"])]
+            out.append(item)
+        if sort in ("lastModified", "createdAt"):
+            out.sort(key=lambda i: i[sort], reverse=q.get("direction") == "-1")
+        elif q.get("direction") == "-1":
+            out.reverse()
+        self._paged(out, limit)
 
     def _tree(self, kind: str, ns: str, name: str, rev: str, path: str) -> None:
         rdir, _ = self._repo(kind, ns, name)
@@ -223,14 +286,14 @@ class Handler(BaseHandler):
     def _paths_info(self, kind: str, ns: str, name: str, rev: str) -> None:
         rdir, _ = self._repo(kind, ns, name)
         if "json" in self.headers.get("Content-Type", ""):
-            paths = self._read_json().get("paths", [])
+            paths = self._read_json(PATHS_INFO).get("paths", [])
         else:  # the client sends a form: paths=a&paths=b&expand=false
-            raw = self._body.read_all(MAX_JSON_BODY).decode("utf-8", "replace")
-            paths = urllib.parse.parse_qs(raw).get("paths", [])
+            raw = self._read_body(self.server.limits.max_json_body).decode("utf-8", "replace")
+            paths = validate({"paths": urllib.parse.parse_qs(raw).get("paths", [])}, PATHS_INFO)["paths"]
         _, commit = self._resolve(rdir, rev)
         files, out = commit["files"], []
-        for path in paths if isinstance(paths, list) else [paths]:
-            path = str(path).strip("/")
+        for path in paths:
+            path = path.strip("/")
             if path in files:
                 out.append(file_entry(path, files[path]))
             elif path:
@@ -322,22 +385,20 @@ class Handler(BaseHandler):
     # --- writing
     def _preupload(self, kind: str, ns: str, name: str, rev: str) -> None:
         rdir, _ = self._repo(kind, ns, name, write=f"uploading to {ns}/{name}")
-        body = self._read_json()
+        body = self._read_json(PREUPLOAD)
         sha, commit = self._resolve(rdir, rev)
         files = commit["files"]
         patterns = list(LFS_PATTERNS)
         if ".gitattributes" in files and "lfs" not in files[".gitattributes"]:
             patterns = lfs_patterns_of(self.server.store.blob_path(rdir, files[".gitattributes"]).read_bytes())
         out = []
-        for item in body.get("files") or []:
-            if not isinstance(item, dict):
-                raise bad("preupload 'files' must be a list of {path, sample, size} objects")
-            path = validate_path(item.get("path"))
+        for item in body["files"]:
+            path = validate_path(item["path"])
             try:
                 sample = base64.b64decode(item.get("sample") or "")
             except (binascii.Error, ValueError):
                 sample = b""
-            size = item.get("size") if isinstance(item.get("size"), int) else 0
+            size = item.get("size", 0)
             lfs = size >= LFS_MIN_SIZE or matches_lfs(path, patterns) or b"\0" in sample
             res = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
             if path in files:
@@ -351,38 +412,42 @@ class Handler(BaseHandler):
         caller = self._caller()
         if self.query.get("create_pr"):
             raise ApiError(501, "Pull requests are not supported by this hub: commit to a branch instead")
-        store = self.server.store
+        store, limits = self.server.store, self.server.limits
         if rev not in store.refs(rdir)["branches"]:
             raise ApiError(404, f"Branch {rev!r} not found: commits can only be made on a branch", "RevisionNotFound")
-        header, ops = None, []
+        if self._body.length is not None and self._body.length > limits.max_commit_body:
+            raise ApiError(413, f"Commit body larger than {limits.max_commit_body} bytes: send big files through LFS")
+        header, ops, total = None, [], 0
         while line := self._body.readline(MAX_COMMIT_LINE):
-            if not line.endswith(b"\n") and len(line) >= MAX_COMMIT_LINE:
+            total += len(line)
+            if (not line.endswith(b"\n") and len(line) >= MAX_COMMIT_LINE) or total > limits.max_commit_body:
                 raise ApiError(413, "A commit line is too large: send big files through LFS")
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
-                key, value = item["key"], item["value"]
-                if not isinstance(value, dict):
-                    raise TypeError(value)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, RecursionError):
                 raise bad('Commit body must be NDJSON lines of {"key": ..., "value": {...}}') from None
+            where = f"line {len(ops) + 2 if header is not None else 1}"
+            item = validate(item, COMMIT_LINE, where)
+            key, value = item["key"], validate(item["value"], COMMIT_OPS[item["key"]], f"{where}.value")
             if header is None:
                 if key != "header":
                     raise bad("The first line of a commit must be the header")
                 header = value
                 continue
+            if key == "header":
+                raise bad(f"Invalid commit: {where} is a second header")
             ops.append(self._commit_op(rdir, key, value))
         if header is None:
             raise bad("Empty commit body")
-        parent = header.get("parentCommit")
         sha = store.apply_commit(
             rdir,
             rev,
             ops,
-            parent,
-            str(header.get("summary") or "Update"),
-            str(header.get("description") or ""),
+            header.get("parentCommit"),
+            header.get("summary") or "Update",
+            header.get("description") or "",
             caller["user"],
         )
         self._json(
@@ -395,21 +460,22 @@ class Handler(BaseHandler):
         )
 
     def _commit_op(self, rdir: Path, key: str, value: dict) -> tuple:
-        """Turn one NDJSON operation into ``(op, path, entry)``; inline files are stored right away."""
+        """Turn one NDJSON operation (already checked by its schema) into ``(op, path, entry)``.
+
+        Inline files are stored right away (an aborted commit leaves them unreferenced, for gc).
+        """
         store = self.server.store
         if key == "file":
-            path = validate_path(value.get("path"))
-            if value.get("encoding", "base64") != "base64":
-                raise bad(f"Unsupported encoding {value.get('encoding')!r} for {path}")
+            path = validate_path(value["path"])
             try:
-                data = base64.b64decode(value.get("content") or "", validate=True)
+                data = base64.b64decode(value["content"], validate=True)
             except (binascii.Error, ValueError):
                 raise bad(f"Invalid base64 content for {path}") from None
             return "add", path, {"oid": store.put_blob(rdir, data), "size": len(data)}
         if key == "lfsFile":
-            path = validate_path(value.get("path"))
-            oid = str(value.get("oid", ""))
-            if value.get("algo", "sha256") != "sha256" or not HEX64.fullmatch(oid):
+            path = validate_path(value["path"])
+            oid = value["oid"]
+            if not HEX64.fullmatch(oid):
                 raise bad(f"Invalid LFS oid for {path}")
             size = store.lfs_size(rdir, oid)
             if size is None:
@@ -427,35 +493,33 @@ class Handler(BaseHandler):
                 },
             )
         if key == "deletedFile":
-            return "delete", validate_path(value.get("path")), None
-        if key == "deletedFolder":
-            return "delete_folder", validate_path(str(value.get("path", "")).rstrip("/")), None
-        raise bad(f"Unknown commit operation {key!r}")
+            return "delete", validate_path(value["path"]), None
+        return "delete_folder", validate_path(value["path"].rstrip("/")), None
 
     def _create_branch(self, kind: str, ns: str, name: str, branch: str) -> None:
         rdir, _ = self._repo(kind, ns, name, write=f"creating a branch in {ns}/{name}")
         validate_ref(branch, "branch")
-        start = self._read_json().get("startingPoint") or "main"
+        start = self._read_json(CREATE_BRANCH).get("startingPoint") or "main"
         store = self.server.store
         with store.lock(rdir):
             refs = store.refs(rdir)
             if branch in refs["branches"]:
                 raise ApiError(409, f"Branch {branch!r} already exists")
-            refs["branches"][branch], _ = self._resolve(rdir, str(start))
+            refs["branches"][branch], _ = self._resolve(rdir, start)
             store.write_refs(rdir, refs)
         self._json({"success": True})
 
     def _create_tag(self, kind: str, ns: str, name: str, rev: str) -> None:
         rdir, _ = self._repo(kind, ns, name, write=f"creating a tag in {ns}/{name}")
-        body = self._read_json()
-        tag = validate_ref(body.get("tag"), "tag")
+        body = self._read_json(CREATE_TAG)
+        tag = validate_ref(body["tag"], "tag")
         store = self.server.store
         with store.lock(rdir):
             refs = store.refs(rdir)
             if tag in refs["tags"]:
                 raise ApiError(409, f"Tag {tag!r} already exists")
             sha, _ = self._resolve(rdir, rev)
-            refs["tags"][tag] = {"commit": sha, "message": str(body.get("message") or "")}
+            refs["tags"][tag] = {"commit": sha, "message": body.get("message") or ""}
             store.write_refs(rdir, refs)
         self._json({"success": True})
 
@@ -478,24 +542,18 @@ class Handler(BaseHandler):
 
     def _lfs_batch(self, kind: str, ns: str, name: str) -> None:
         rdir, _ = self._repo(kind, ns, name, write=f"uploading to {ns}/{name}")
-        body = self._read_json()
-        if body.get("operation") != "upload":
+        body = self._read_json(LFS_BATCH)
+        if body["operation"] != "upload":
             raise bad("Only the LFS 'upload' operation is supported; download files through /resolve/")
         if "basic" not in (body.get("transfers") or ["basic"]):
             raise bad("Only the 'basic' LFS transfer is supported")
         exp = int(time.time()) + UPLOAD_URL_TTL
-        base, objects = self._base(), []
-        for obj in body.get("objects") or []:
-            obj = obj if isinstance(obj, dict) else {}
-            oid, size = str(obj.get("oid", "")), obj.get("size")
-            if not HEX64.fullmatch(oid) or not isinstance(size, int) or size < 0:
-                objects.append(
-                    {
-                        "oid": oid,
-                        "size": size if isinstance(size, int) else 0,
-                        "error": {"code": 422, "message": "oid must be 64 hex chars and size an integer"},
-                    }
-                )
+        base, objects, most = self._base(), [], self.server.limits.max_lfs_size
+        for obj in body["objects"]:
+            oid, size = obj["oid"], obj["size"]
+            if not HEX64.fullmatch(oid) or size > most:
+                why = f"larger than this hub's limit of {most} bytes" if size > most else "oid must be 64 hex chars"
+                objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": f"Refused: {why}"}})
                 continue
             out: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
             if self.server.store.lfs_size(rdir, oid) != size:
@@ -522,6 +580,8 @@ class Handler(BaseHandler):
         expected = self._sign(kind, ns, name, oid, size, exp).encode()
         if not hmac.compare_digest(sig.encode("utf-8", "replace"), expected) or exp < time.time():
             raise ApiError(403, "Upload URL signature is invalid or expired: ask the LFS batch endpoint again")
+        if size > self.server.limits.max_lfs_size:
+            raise ApiError(413, f"LFS object of {size} bytes is larger than this hub's limit")
         if self._body.length is not None and self._body.length != size:
             raise bad(f"Content-Length {self._body.length} differs from the signed size {size}")
         rdir = self.server.store.repo_dir(kind, ns, name)
@@ -530,8 +590,8 @@ class Handler(BaseHandler):
 
     def _lfs_verify(self, kind: str, ns: str, name: str) -> None:
         rdir, _ = self._repo(kind, ns, name, write=f"uploading to {ns}/{name}")
-        body = self._read_json()
-        oid, size = str(body.get("oid", "")), body.get("size")
+        body = self._read_json(LFS_VERIFY)
+        oid, size = body["oid"], body["size"]
         if not HEX64.fullmatch(oid) or self.server.store.lfs_size(rdir, oid) != size:
             raise ApiError(404, f"LFS object {oid} ({size} bytes) is not stored in {ns}/{name}")
         self._json({"success": True})

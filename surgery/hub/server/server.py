@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import select
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import HubError
+from surgery.hub.server.common import Limits, mkdir_private, open_private
 from surgery.hub.server.endpoints import Handler
+from surgery.hub.server.gc import collect
 from surgery.hub.server.storage import Store
 from surgery.hub.server.tokens import TokenStore
 
@@ -26,6 +29,25 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no cross-process locking
     fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger("surgery.hub.server")
+_BUSY = b'{"error": "Too many connections to this hub: retry shortly"}'
+
+
+def lock_root(root: Path) -> Any:
+    """Take the root's lock (one server, or one ``gc``, per root); returns the open lock file to keep."""
+    try:
+        mkdir_private(root / "repos")
+        lock_file = open(root / ".lock", "a")  # noqa: SIM115 - held for the server's lifetime
+    except OSError as err:
+        raise HubError(f"Cannot use hub root {root}: {err}") from err
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            raise HubError(f"Another hub server is already serving {root} (or `surgery hub gc` runs on it)") from None
+    return lock_file
 
 
 class HubHTTPServer(ThreadingHTTPServer):
@@ -35,13 +57,45 @@ class HubHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, addr: tuple, store: Store, tokens: TokenStore, secret: bytes, public_url: str | None):
+    def __init__(
+        self, addr: tuple, store: Store, tokens: TokenStore, secret: bytes, public_url: str | None, limits: Limits
+    ):
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         self.store, self.tokens, self.secret, self.public_url = store, tokens, secret, public_url
+        self.limits = limits
         self.connections: set[socket.socket] = set()
         self.conn_guard = threading.Lock()
+        self.active = 0
         super().__init__(addr, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a thread, or answer 503 at once when ``max_connections`` are already open."""
+        with self.conn_guard:
+            busy = self.active >= self.limits.max_connections
+            if not busy:
+                self.active += 1
+        if not busy:
+            try:
+                return super().process_request(request, client_address)
+            except BaseException:
+                with self.conn_guard:
+                    self.active -= 1
+                raise
+        with contextlib.suppress(OSError):
+            request.settimeout(1)
+            request.sendall(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY)
+            )
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.conn_guard:
+                self.active -= 1
 
     def close_connections(self) -> None:
         with self.conn_guard:
@@ -65,10 +119,12 @@ class HubServer:
         *,
         public_url: str | None = None,
         fsync: bool = True,
+        limits: Limits | None = None,
     ):
         self.root, self.host, self.port = Path(root), host, port
         self.public_url = public_url.rstrip("/") if public_url else None
         self.fsync = fsync
+        self.limits = limits or Limits()
         self._httpd: HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._lock_file: Any = None
@@ -83,30 +139,23 @@ class HubServer:
 
     def _prepare(self) -> HubHTTPServer:
         root = self.root
-        try:
-            (root / "repos").mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(root / ".lock", "a")  # noqa: SIM115 - held for the server's lifetime
-        except OSError as err:
-            raise HubError(f"Cannot use hub root {root}: {err}") from err
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self._lock_file.close()
-                raise HubError(f"Another hub server is already serving {root}") from None
+        self._lock_file = lock_root(root)
         shutil.rmtree(root / "tmp", ignore_errors=True)
-        (root / "tmp").mkdir()
+        mkdir_private(root / "tmp")
         secret_path = root / ".secret"
         if not secret_path.exists():
             tmp = root / f".secret.{uuid.uuid4().hex}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            with open_private(tmp) as f:
                 f.write(secrets.token_bytes(32))
             os.replace(tmp, secret_path)
+        try:
+            collect(root)  # objects left by aborted commits; safe now: nothing else writes under this lock
+        except OSError as err:
+            logger.warning("gc at start-up failed (serving anyway): %s", err)
         store = Store(root, fsync=self.fsync)
         try:
             httpd = HubHTTPServer(
-                (self.host, self.port), store, TokenStore(root), secret_path.read_bytes(), self.public_url
+                (self.host, self.port), store, TokenStore(root), secret_path.read_bytes(), self.public_url, self.limits
             )
         except OSError as err:
             self._release()
@@ -161,7 +210,14 @@ class HubServer:
         self.stop()
 
 
-def serve(root: Path | str, host: str = "127.0.0.1", port: int = 0, *, public_url: str | None = None) -> None:
+def serve(
+    root: Path | str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    public_url: str | None = None,
+    limits: Limits | None = None,
+) -> None:
     """Serve ``root`` in the foreground until Ctrl-C or SIGTERM, printing the URL once listening."""
 
     def _term(*_: object) -> None:
@@ -172,7 +228,7 @@ def serve(root: Path | str, host: str = "127.0.0.1", port: int = 0, *, public_ur
         previous = signal.signal(signal.SIGTERM, _term)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            HubServer(root, host, port, public_url=public_url).serve_forever()
+            HubServer(root, host, port, public_url=public_url, limits=limits).serve_forever()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

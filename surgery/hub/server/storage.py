@@ -16,19 +16,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from surgery.hub.server.card import parse_front_matter
 from surgery.hub.server.common import (
     CHUNK,
     DEFAULT_GITATTRIBUTES,
+    DIR_MODE,
     HEX40,
     ApiError,
     bad,
     fsync_dir,
     git_oid,
+    mkdir_private,
     now_iso,
+    open_private,
     shard,
 )
 
 CACHE_ENTRIES = 200_000  # file-table entries kept across cached commits (~100 MB at most)
+CARD_CACHE = 1024  # parsed README.md front matters kept, by blob id
 
 
 class Store:
@@ -43,6 +48,7 @@ class Store:
         self._cache: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._cache_guard = threading.Lock()
         self._cached_entries = 0
+        self._cards: OrderedDict[str, dict] = OrderedDict()
 
     # --- low level
     def repo_dir(self, kind: str, ns: str, name: str) -> Path:
@@ -64,13 +70,13 @@ class Store:
         if self.fsync:
             os.fsync(f.fileno())
         f.close()
-        final.parent.mkdir(exist_ok=True)  # no parents=True: never resurrect a deleted repo
+        final.parent.mkdir(mode=DIR_MODE, exist_ok=True)  # no parents=True: never resurrect a deleted repo
         os.replace(tmp, final)
 
     def write_file(self, final: Path, data: bytes) -> None:
         tmp = self._tmp_path()
         try:
-            f = open(tmp, "wb")  # noqa: SIM115 - closed by _finish
+            f = open_private(tmp)
             f.write(data)
             self._finish(tmp, final, f)
         finally:
@@ -79,7 +85,7 @@ class Store:
     def write_json(self, final: Path, obj: Any) -> None:
         tmp = self._tmp_path()
         try:
-            f = open(tmp, "wb")  # noqa: SIM115 - closed by _finish
+            f = open_private(tmp)
             f.write(json.dumps(obj, sort_keys=True).encode())
             self._finish(tmp, final, f)
         finally:
@@ -100,7 +106,7 @@ class Store:
         work = self.tmp / f"repo-{uuid.uuid4().hex}"
         try:
             for sub in ("commits", "blobs", "lfs"):
-                (work / sub).mkdir(parents=True)
+                mkdir_private(work / sub)
             now = now_iso()
             meta = {
                 "id": f"{ns}/{name}",
@@ -116,7 +122,7 @@ class Store:
             files = {".gitattributes": {"oid": oid, "size": len(DEFAULT_GITATTRIBUTES)}}
             sha = self._write_commit(work, [], files, "initial commit", "", "system", now)
             self.write_json(work / "refs.json", {"branches": {"main": sha}, "tags": {}})
-            final.parent.mkdir(parents=True, exist_ok=True)
+            mkdir_private(final.parent)
             try:
                 os.rename(work, final)
             except OSError:
@@ -145,6 +151,36 @@ class Store:
                 raise ApiError(404, "Repository not found", "RepoNotFound")
             meta["private"] = private
             self.write_json(rdir / "meta.json", meta)
+
+    def iter_repos(self, kind: str) -> Iterator[tuple[str, str, Path, dict]]:
+        """Every repo of ``kind`` as ``(namespace, name, folder, meta)``, sorted by id."""
+        base = self.repos / kind
+        for ns_dir in sorted(base.iterdir()) if base.is_dir() else []:
+            for rdir in sorted(ns_dir.iterdir()) if ns_dir.is_dir() else []:
+                meta = self.meta(rdir)
+                if meta is not None:
+                    yield ns_dir.name, rdir.name, rdir, meta
+
+    def card(self, rdir: Path, files: dict) -> dict:
+        """The README.md front matter of a commit's file table (``{}`` without one); cached by blob id."""
+        entry = files.get("README.md")
+        if entry is None or "lfs" in entry:
+            return {}
+        key = entry["oid"]
+        with self._cache_guard:
+            if key in self._cards:
+                self._cards.move_to_end(key)
+                return self._cards[key]
+        try:
+            with open(self.blob_path(rdir, entry), "rb") as f:
+                card = parse_front_matter(f.read(64 * 1024).decode("utf-8", "replace"))
+        except OSError:
+            return {}
+        with self._cache_guard:
+            self._cards[key] = card
+            while len(self._cards) > CARD_CACHE:
+                self._cards.popitem(last=False)
+        return card
 
     # --- refs and commits
     def refs(self, rdir: Path) -> dict:
@@ -251,7 +287,7 @@ class Store:
         tmp = self._tmp_path()
         digest, got = hashlib.sha256(), 0
         try:
-            f = open(tmp, "wb")  # noqa: SIM115 - closed by _finish or below
+            f = open_private(tmp)
             try:
                 while chunk := read(CHUNK):
                     got += len(chunk)

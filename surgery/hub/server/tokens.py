@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from surgery.errors import HubError
-from surgery.hub.server.common import ROLES, ApiError, now_iso, validate_name
+from surgery.hub.server.common import ROLES, ApiError, mkdir_private, now_iso, validate_name
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no cross-process locking
     fcntl = None  # type: ignore[assignment]
+
+DEFAULT_ROLE = "read"  # least privilege: writing needs an explicit --role write
 
 
 def _token_hash(token: str) -> str:
@@ -48,7 +50,7 @@ def _read_tokens(root: Path) -> list[dict]:
 def _tokens_locked(root: Path) -> Iterator[list[dict]]:
     """Read-modify-write tokens.json under a file lock, written atomically with mode 0600."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    mkdir_private(root)
     with open(root / ".tokens.lock", "a") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -63,8 +65,11 @@ def _tokens_locked(root: Path) -> Iterator[list[dict]]:
         os.replace(tmp, _tokens_file(root))
 
 
-def add_token(root: Path | str, user: str, role: str = "write") -> str:
-    """Create a new token for ``user`` with ``role`` (``write`` or ``read``) and return it; only its hash is kept."""
+def add_token(root: Path | str, user: str, role: str = DEFAULT_ROLE) -> str:
+    """Create a new token for ``user`` with ``role`` (``read``, the default, or ``write``) and return it.
+
+    Only its sha256 is kept, so the token is shown once.
+    """
     try:
         validate_name(user, "user name")
     except ApiError as err:

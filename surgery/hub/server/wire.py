@@ -1,4 +1,8 @@
-"""HTTP plumbing of the hub: bounded body reading, JSON/error answers, caller identity and repo access."""
+"""HTTP plumbing of the hub: bounded body reading, JSON/error answers, caller identity and repo access.
+
+This module knows the server only through :class:`ServerContext` (what a handler needs from it), so the import
+graph points one way: ``wire`` <- ``endpoints`` <- ``server``.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,46 @@ import contextlib
 import json
 import logging
 import re
+import socket
+import threading
 import urllib.parse
+import uuid
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from surgery.hub.server.common import CHUNK, MAX_JSON_BODY, NAME_RE, TOKEN_HELP, WEB_PREFIX, ApiError, ClientGone, bad
-
-if TYPE_CHECKING:
-    from surgery.hub.server.server import HubHTTPServer
+from surgery.hub.server.common import (
+    CHUNK,
+    NAME_RE,
+    TOKEN_HELP,
+    WEB_PREFIX,
+    ApiError,
+    ClientGone,
+    Limits,
+    bad,
+    log_safe,
+    strip_signature,
+)
+from surgery.hub.server.schema import Check, validate
+from surgery.hub.server.storage import Store
+from surgery.hub.server.tokens import TokenStore
 
 logger = logging.getLogger("surgery.hub.server")
+DRAIN_LIMIT = 64 * 1024  # an unread body left after an answer is read away only when this small; else we close
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
+class ServerContext(Protocol):
+    """What a request handler uses of its server (implemented by ``server.HubHTTPServer``)."""
+
+    store: Store
+    tokens: TokenStore
+    secret: bytes
+    public_url: str | None
+    limits: Limits
+    connections: set[socket.socket]
+    conn_guard: threading.Lock
+    server_address: Any
 
 
 class Body:
@@ -24,18 +57,25 @@ class Body:
 
     def __init__(self, rfile: Any, headers: Any):
         self.rfile = rfile
-        self.chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         self.eof, self._started = False, False
+        lengths = {v.strip() for v in headers.get_all("Content-Length") or []}
+        encodings = ",".join(headers.get_all("Transfer-Encoding") or []).lower()
+        self.chunked = "chunked" in encodings
+        if len(lengths) > 1:
+            raise bad("Conflicting Content-Length headers")
+        if lengths and self.chunked:
+            raise bad("Content-Length and Transfer-Encoding: chunked together are ambiguous")
+        if encodings and not self.chunked:
+            raise bad(f"Unsupported Transfer-Encoding {encodings!r}")
         if self.chunked:
             self.left = 0
         else:
-            try:
-                self.left = int(headers.get("Content-Length") or 0)
-            except ValueError:
-                raise bad("Invalid Content-Length") from None
-            if self.left < 0:
+            value = lengths.pop() if lengths else "0"
+            if not _DIGITS.fullmatch(value):
                 raise bad("Invalid Content-Length")
+            self.left = int(value)
         self.length = None if self.chunked else self.left
+        self.unread_known = not self.chunked
 
     def _avail(self) -> int:
         if self.eof:
@@ -112,13 +152,16 @@ class BaseHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "surgery-hub/1"
-    timeout = 300
-    server: HubHTTPServer
+    # TCP_NODELAY: a kept-alive answer written as headers then body otherwise waits ~40 ms for the client's delayed
+    # ACK (Nagle). JSON answers are also sent in one write (see _start).
+    disable_nagle_algorithm = True
+    server: ServerContext  # type: ignore[assignment]
     raw_path: str
     query: dict[str, list[str]]
 
     # --- plumbing
     def setup(self) -> None:
+        self.timeout = self.server.limits.idle_timeout  # idle keep-alive and stalled bodies are cut off
         super().setup()
         with self.server.conn_guard:
             self.server.connections.add(self.connection)
@@ -129,8 +172,20 @@ class BaseHandler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             super().finish()
 
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """One access-log line: never the query string of a signed URL, never a raw control character."""
+        target = strip_signature(getattr(self, "path", ""))
+        logger.info(
+            '%s "%s %s" %s %s',
+            self.address_string(),
+            log_safe(getattr(self, "command", "-")),
+            log_safe(target),
+            code,
+            size,
+        )
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
-        logger.info("%s %s", self.address_string(), format % args)
+        logger.info("%s %s", self.address_string(), log_safe(strip_signature(format % args)))
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         self._dispatch()
@@ -142,6 +197,9 @@ class BaseHandler(BaseHTTPRequestHandler):
         self._body, self.raw_path = None, ""
         try:
             self._body = Body(self.rfile, self.headers)
+            if self._body.length is not None and self._body.length > self.server.limits.max_body:
+                raise ApiError(413, f"Request body larger than this hub accepts ({self.server.limits.max_body} bytes)")
+            self._caller()  # the token first: an unknown token is a 401 whatever the path, so nothing is enumerable
             raw = self.path
             if raw.startswith(("http://", "https://")):
                 raw = "/" + raw.split("/", 3)[3] if raw.count("/") >= 3 else "/"
@@ -157,16 +215,36 @@ class BaseHandler(BaseHTTPRequestHandler):
             self._error(err)
         except (ClientGone, ConnectionError, TimeoutError):
             self.close_connection = True
-        except Exception as err:
-            logger.exception("Internal error on %s %s", self.command, self.path)
-            self._error(ApiError(500, f"Internal server error: {type(err).__name__}: {err}"))
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            logger.exception(
+                "Internal error %s on %s %s", incident, log_safe(self.command), log_safe(strip_signature(self.path))
+            )
+            # The exception text stays in the server log: an answer never shows internals.
+            self._error(ApiError(500, f"Internal server error (incident {incident} in the server log)"))
 
     def _settle_body(self) -> None:
-        """Before answering, make sure the request body is consumed; otherwise close instead of keeping alive."""
-        if self._body is not None and not self._body.eof and not self._body.drain(CHUNK):
-            self.close_connection = True
+        """Before answering, consume a small unread body; a large or unknown one closes the connection instead.
 
-    def _start(self, status: int, headers: dict, length: int, ctype: str | None = "application/json") -> None:
+        So a refused upload is answered at once (the body is never waited for) and keep-alive stays in sync.
+        """
+        body = self._body
+        if body is None:
+            self.close_connection = True
+        elif not body.eof:
+            small = body.unread_known and body.left <= DRAIN_LIMIT
+            if not (small and body.drain(DRAIN_LIMIT)):
+                self.close_connection = True
+
+    def _start(
+        self,
+        status: int,
+        headers: dict,
+        length: int,
+        ctype: str | None = "application/json",
+        body: bytes | None = None,
+    ) -> None:
+        """Send status and headers, and ``body`` with them in one write (no Nagle/delayed-ACK stall)."""
         self._settle_body()
         self.send_response(status)
         for key, value in headers.items():
@@ -176,18 +254,26 @@ class BaseHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length))
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        self._headers_buffer.append(b"\r\n")
+        if body and self.command != "HEAD":
+            self._headers_buffer.append(body)
+        self.flush_headers()
         self._responded = True
 
     def _json(self, obj: Any, status: int = 200, headers: dict | None = None) -> None:
         data = json.dumps(obj).encode()
-        self._start(status, headers or {}, len(data))
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self._start(status, headers or {}, len(data), body=data)
 
     def _error(self, err: ApiError) -> None:
         level = logging.WARNING if err.status >= 500 else logging.INFO
-        logger.log(level, "%s %s -> %d %s", self.command, self.raw_path or self.path, err.status, err.message)
+        logger.log(
+            level,
+            "%s %s -> %d %s",
+            log_safe(self.command),
+            log_safe(self.raw_path or strip_signature(self.path)),
+            err.status,
+            log_safe(err.message),
+        )
         if self._responded:
             self.close_connection = True
             return
@@ -207,17 +293,23 @@ class BaseHandler(BaseHTTPRequestHandler):
             host = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
         return f"http://{host}"
 
-    def _read_json(self) -> dict:
-        data = self._body.read_all(MAX_JSON_BODY)
+    def _read_body(self, limit: int) -> bytes:
+        """The whole body, refused with 413 before reading when its announced length is over ``limit``."""
+        if self._body.length is not None and self._body.length > limit:
+            raise ApiError(413, f"Request body of {self._body.length} bytes is larger than the limit of {limit}")
+        return self._body.read_all(limit)
+
+    def _read_json(self, schema: Check) -> dict:
+        """The JSON object of the body, checked against ``schema`` (400 naming the key) before any effect."""
+        data = self._read_body(self.server.limits.max_json_body)
         if not data.strip():
-            return {}
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            raise bad("Request body is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise bad("Request body must be a JSON object")
-        return obj
+            obj: Any = {}
+        else:
+            try:
+                obj = json.loads(data)
+            except (ValueError, RecursionError):
+                raise bad("Request body is not valid JSON") from None
+        return validate(obj, schema)
 
     # --- auth
     def _caller(self) -> dict | None:
