@@ -151,13 +151,22 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 
 def mkdir_private(path: Path) -> None:
-    """Create ``path`` (and missing parents) with mode 0700; existing directories are left as they are."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    """Create ``path`` and its missing parents, each with mode 0700; existing directories are left as they are."""
+    if not path.is_dir():
+        if path.parent != path:
+            mkdir_private(path.parent)
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=DIR_MODE)
 
 
 def open_private(path: Path) -> Any:
     """Create ``path`` exclusively with mode 0600 and return it open for binary writing."""
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
+
+
+def open_lock(path: Path) -> Any:
+    """Open (creating with mode 0600) a lock file for ``flock``."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE), "a")
 
 
 def shard(base: Path, oid: str, suffix: str = "") -> Path:

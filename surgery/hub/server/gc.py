@@ -126,6 +126,9 @@ def collect(root: Path | str) -> GcReport:
     repos = Path(root) / "repos"
     for kind in sorted(repos.iterdir()) if repos.is_dir() else []:
         for ns in sorted(kind.iterdir()) if kind.is_dir() else []:
+            for folder in (repos, kind, ns):
+                with contextlib.suppress(OSError):
+                    os.chmod(folder, DIR_MODE)
             for rdir in sorted(ns.iterdir()) if ns.is_dir() else []:
                 if (rdir / "meta.json").is_file():
                     collect_repo(rdir, report)

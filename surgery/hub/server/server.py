@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import HubError
-from surgery.hub.server.common import Limits, mkdir_private, open_private
+from surgery.hub.server.common import Limits, mkdir_private, open_lock, open_private
 from surgery.hub.server.endpoints import Handler
 from surgery.hub.server.gc import collect
 from surgery.hub.server.storage import Store
@@ -38,7 +38,7 @@ def lock_root(root: Path) -> Any:
     """Take the root's lock (one server, or one ``gc``, per root); returns the open lock file to keep."""
     try:
         mkdir_private(root / "repos")
-        lock_file = open(root / ".lock", "a")  # noqa: SIM115 - held for the server's lifetime
+        lock_file = open_lock(root / ".lock")  # held for the server's lifetime
     except OSError as err:
         raise HubError(f"Cannot use hub root {root}: {err}") from err
     if fcntl is not None:

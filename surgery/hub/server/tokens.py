@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from surgery.errors import HubError
-from surgery.hub.server.common import ROLES, ApiError, mkdir_private, now_iso, validate_name
+from surgery.hub.server.common import ROLES, ApiError, mkdir_private, now_iso, open_lock, validate_name
 
 try:
     import fcntl
@@ -51,7 +51,7 @@ def _tokens_locked(root: Path) -> Iterator[list[dict]]:
     """Read-modify-write tokens.json under a file lock, written atomically with mode 0600."""
     root = Path(root)
     mkdir_private(root)
-    with open(root / ".tokens.lock", "a") as lock:
+    with open_lock(root / ".tokens.lock") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         tokens = _read_tokens(root)
