@@ -318,6 +318,13 @@ def test_oversized_and_ambiguous_bodies_are_refused_at_once(hub):
         )
         assert answer.startswith(b"HTTP/1.1 413"), (path, answer[:200])
         assert took < 1.0
+    # With Expect: 100-continue (curl's way for big uploads) the refusal comes instead of the "100 Continue".
+    answer, took = send_raw(
+        hub.url,
+        f"PUT /lfs-upload/model/alice/public/x HTTP/1.1\nHost: {host}\nExpect: 100-continue\n"
+        f"Content-Length: {10**15}\n\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 413") and took < 1.0
     # A JSON body over the JSON limit (16 MiB) but under the others: also refused before it is sent.
     answer, took = send_raw(
         hub.url,

@@ -160,7 +160,7 @@ def parse_front_matter(text: str) -> dict[str, Any]:
 
 
 def card_fields(card: dict[str, Any]) -> dict[str, Any]:
-    """``cardData``, ``tags`` and ``library_name`` (and ``pipeline_tag``) as the Hub derives them from a card."""
+    """``tags``, and ``cardData``, ``library_name``, ``pipeline_tag`` when set, as the Hub derives them from a card."""
     tags = card.get("tags")
     if isinstance(tags, str):
         tags = [tags]
@@ -170,7 +170,9 @@ def card_fields(card: dict[str, Any]) -> dict[str, Any]:
     lic = card.get("license")
     if isinstance(lic, str):
         extra.append(f"license:{lic}")
-    out: dict[str, Any] = {"cardData": card, "tags": list(dict.fromkeys(tags + extra))}
+    out: dict[str, Any] = {"tags": list(dict.fromkeys(tags + extra))}
+    if card:
+        out["cardData"] = card
     if library:
         out["library_name"] = library
     if isinstance(card.get("pipeline_tag"), str):

@@ -187,6 +187,19 @@ class BaseHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
         logger.info("%s %s", self.address_string(), log_safe(strip_signature(format % args)))
 
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue``: refuse an oversized or ambiguous body, or an unknown token, before it is sent."""
+        self._responded, self._user, self._body, self.raw_path = False, None, None, ""
+        try:
+            body = Body(self.rfile, self.headers)
+            if body.length is not None and body.length > self.server.limits.max_body:
+                raise ApiError(413, f"Request body larger than this hub accepts ({self.server.limits.max_body} bytes)")
+            self._caller()
+        except ApiError as err:
+            self._error(err)  # no body object: the connection closes after the answer
+            return False
+        return super().handle_expect_100()
+
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         self._dispatch()
 
