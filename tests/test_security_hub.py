@@ -220,14 +220,15 @@ def test_wrong_json_types_are_a_400_naming_the_key_never_a_500(hub):
     assert client(hub).list_repo_refs("alice/public").branches[0].name == "main"  # no branch "dev" was made
 
 
-def test_a_500_shows_no_exception_text(tmp_path, monkeypatch):
+def test_a_500_shows_no_exception_text(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="surgery.hub.server")
     token = add_token(tmp_path, "alice", "write")
     with HubServer(tmp_path) as server:
         api = HfApi(endpoint=server.url, token=token)
         api.create_repo("alice/x")
 
         def crash(*args, **kwargs):
-            raise OSError(f"disk full at {tmp_path}/very/secret/place")
+            raise OSError(f"disk full at {tmp_path}/very/secret/place\n2026-01-01 FORGED")
 
         monkeypatch.setattr(Store, "write_refs", crash)
         with pytest.raises(HfHubHTTPError) as err:
@@ -235,6 +236,9 @@ def test_a_500_shows_no_exception_text(tmp_path, monkeypatch):
         assert err.value.response.status_code == 500
         text = err.value.response.text + str(err.value.response.headers)
         assert "secret/place" not in text and "OSError" not in text and "incident" in text
+    logged = [r.getMessage() for r in caplog.records if "Internal error" in r.getMessage()]
+    assert logged and "secret/place" in logged[0]  # the details are in the server's log...
+    assert all(line.startswith("    | ") for m in logged for line in m.splitlines()[1:])  # ...and cannot forge lines
 
 
 def test_settings_are_validated_before_anything_is_written(hub):

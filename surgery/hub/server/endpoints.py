@@ -22,6 +22,7 @@ from surgery.hub.server.common import (
     LFS_MIN_SIZE,
     LFS_PATTERNS,
     MAX_COMMIT_LINE,
+    NAME_RE,
     TREE_PAGE,
     UPLOAD_URL_TTL,
     WEB_PREFIX,
@@ -572,6 +573,8 @@ class Handler(BaseHandler):
 
     def _lfs_upload(self, kind: str, ns: str, name: str, oid: str) -> None:
         """Unauthenticated PUT (the client sends no token here): the signed query string is the authorization."""
+        if not HEX64.fullmatch(oid) or not NAME_RE.fullmatch(ns) or not NAME_RE.fullmatch(name):
+            raise ApiError(403, "Upload URL is not valid: ask the LFS batch endpoint for a new one")
         try:
             size, exp = int(self.query["size"][0]), int(self.query["exp"][0])
             sig = self.query["sig"][0]

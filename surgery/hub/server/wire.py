@@ -12,6 +12,7 @@ import logging
 import re
 import socket
 import threading
+import traceback
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler
@@ -230,8 +231,15 @@ class BaseHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception:
             incident = uuid.uuid4().hex[:12]
-            logger.exception(
-                "Internal error %s on %s %s", incident, log_safe(self.command), log_safe(strip_signature(self.path))
+            # The traceback is logged with every line escaped and indented: an exception message that carries
+            # client text cannot start a line of its own.
+            trace = "\n".join("    | " + log_safe(line) for line in traceback.format_exc().splitlines())
+            logger.error(
+                "Internal error %s on %s %s\n%s",
+                incident,
+                log_safe(self.command),
+                log_safe(strip_signature(self.path)),
+                trace,
             )
             # The exception text stays in the server log: an answer never shows internals.
             self._error(ApiError(500, f"Internal server error (incident {incident} in the server log)"))
@@ -290,7 +298,7 @@ class BaseHandler(BaseHTTPRequestHandler):
         if self._responded:
             self.close_connection = True
             return
-        safe = re.sub(r"[\r\n]+", " ", err.message).encode("ascii", "backslashreplace").decode()[:1000]
+        safe = log_safe(err.message)[:1000]  # a header value: printable ASCII only
         headers = {"X-Error-Message": safe, **err.headers}
         if err.code:
             headers["X-Error-Code"] = err.code
