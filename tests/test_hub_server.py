@@ -21,7 +21,6 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import (
@@ -60,16 +59,9 @@ def _client_constants():
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory):
-    """One server for the module, with tokens: alice (write), alice (read-only) and bob (write)."""
-    root = tmp_path_factory.mktemp("hub")
-    tokens = {
-        "alice": add_token(root, "alice", "write"),
-        "alice_ro": add_token(root, "alice", "read"),
-        "bob": add_token(root, "bob", role="write"),
-    }
-    with HubServer(root) as server:
-        yield SimpleNamespace(url=server.url, root=root, tokens=tokens, server=server)
+def hub(hub_server):
+    """The shared server of tests/conftest.py: tokens alice (write), alice_ro (read-only) and bob (write)."""
+    return hub_server
 
 
 def client(hub, who: str | None = "alice") -> HfApi:

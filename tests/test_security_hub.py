@@ -575,10 +575,8 @@ def _vmrss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.parametrize(
-    ("how", "sig"),
-    [("python -m surgery.hub.server", signal.SIGTERM), ("surgery hub serve", signal.SIGINT)],
-)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("how", ["python -m surgery.hub.server", "surgery hub serve"])
 def test_serve_answers_within_1_5_s_stays_small_and_stops_promptly(tmp_path, how, sig):
     script = Path(sys.executable).parent / "surgery"
     argv = {
