@@ -16,6 +16,7 @@ import http.client
 import json
 import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -33,6 +34,7 @@ from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from surgery.hub.server import HubServer, add_token, list_tokens, main
+from surgery.hub.server.card import parse_front_matter
 from surgery.hub.server.common import Limits
 from surgery.hub.server.storage import Store
 
@@ -523,6 +525,32 @@ def test_model_info_reports_the_cards_metadata_and_survives_bad_cards(hub):
         api.upload_file(path_or_fileobj=bad, path_in_repo="README.md", repo_id="alice/carded", commit_message=str(i))
         info = api.model_info("alice/carded")
         assert info.sha and not info.library_name
+
+
+def test_the_card_parser_reads_the_simple_subset_and_never_raises():
+    text = (
+        "---\nlicense: mit # a comment\nlibrary_name: 'timm'\nnum: 3\nratio: 0.5\nflag: true\nnone: null\n"
+        "tags: [a, 'b c']\ndatasets:\n  - x\n  - y\nbase_model:\n  name: resnet18\n  deep:\n    no: 1\n"
+        "text: |\n  block\nanchor: &a 1\n---\nbody\n"
+    )
+    assert parse_front_matter(text) == {
+        "license": "mit",
+        "library_name": "timm",
+        "num": 3,
+        "ratio": 0.5,
+        "flag": True,
+        "none": None,
+        "tags": ["a", "b c"],
+        "datasets": ["x", "y"],
+        "base_model": {"name": "resnet18"},
+    }
+    rng = random.Random(0)
+    alphabet = "-:#'\"[]{}|>&*!\n\t ab12.\x00\ufeff"
+    for _ in range(2000):
+        junk = "---\n" + "".join(rng.choice(alphabet) for _ in range(rng.randrange(200))) + "\n---\n"
+        card = parse_front_matter(junk)
+        assert isinstance(card, dict)
+        assert json.loads(json.dumps(card)) == card  # plain JSON values only
 
 
 def test_list_models_with_search_author_filter_and_limit(hub):
