@@ -257,6 +257,20 @@ def _local_dir_config(name: str, *, where: str = "model.name") -> tuple[str, dic
     return arch, model_args
 
 
+def _hf_hub_config(name: str, *, where: str = "model.name") -> tuple[str, dict[str, Any]]:
+    """Architecture and saved ``model_args`` of an ``hf-hub:`` repo's config.json, read with timm's own reader (the
+    download is cached, so timm's build right after reads the same file)."""
+    try:
+        _cfg, arch, model_args = timm.models.load_model_config_from_hf(name[len(HF_HUB) :])
+    except Exception as err:  # noqa: BLE001 - huggingface_hub and json raise many types
+        raise ModelError(f"{where}: cannot read the config.json of {name}: {_first_line(err)}") from None
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise ModelError(f"{where}: {name}: config.json 'architecture' {arch!r} is not a timm model")
+    if not isinstance(model_args, dict):
+        raise ModelError(f"{where}: {name}: config.json 'model_args' must be an object")
+    return arch, model_args
+
+
 def model_parameters(name: str) -> dict[str, inspect.Parameter]:
     """The constructor arguments a recipe may set for model ``name`` (before the name-based block list)."""
     if name.startswith(TORCHVISION):
@@ -265,8 +279,7 @@ def model_parameters(name: str) -> dict[str, inspect.Parameter]:
         arch = _local_dir_config(name)[0]
         return _init_params(_timm_class(arch))
     if name.startswith(HF_HUB):
-        with torch.device("meta"):  # downloads config.json only, as the real build does first
-            return _init_params(type(timm.create_model(name, pretrained=False)))
+        return _init_params(_timm_class(_hf_hub_config(name)[0]))
     return _init_params(_timm_class(timm.models.split_model_name_tag(name)[0]))
 
 
@@ -292,15 +305,17 @@ def check_kwargs(name: str, kwargs: Mapping[str, Any], *, where: str = "model.kw
     (whatever the model takes), or when the model's constructor does not take it. Values must be JSON data: scalars,
     lists of scalars, and small flat dicts only where the constructor documents a dict. timm resolves string layer
     arguments (``act_layer: gelu``, ``norm_layer: layernorm2d``) from its own registries only (``get_act_layer``,
-    ``get_norm_layer``), so such strings cannot import or run anything. A ``local-dir:`` folder's saved
-    ``model_args`` (timm passes them too) are held to the same rule.
+    ``get_norm_layer``), so such strings cannot import or run anything. The ``model_args`` saved in a ``local-dir:``
+    folder's or ``hf-hub:`` repo's config.json (timm passes them to the constructor too) are held to the same rule.
     """
     _check_keys(kwargs, where=where)
-    if not kwargs and not name.startswith(LOCAL_DIR):
+    if not kwargs and not name.startswith((LOCAL_DIR, HF_HUB)):
         return {}
     extra: dict[str, Any] = {}
     if name.startswith(LOCAL_DIR):
         extra = _local_dir_config(name)[1]
+    elif name.startswith(HF_HUB):
+        extra = _hf_hub_config(name, where=where)[1]
     try:
         params = model_parameters(name)
     except SurgeryError:

@@ -289,3 +289,53 @@ def test_a_good_checkpoint_loads(tmp_path: Path) -> None:
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     model = build_model(ModelSpec(name="test_resnet", checkpoint="w.safetensors"), recipe_dir=tmp_path)
     assert torch.equal(model.fc.weight, source.fc.weight)
+
+
+def test_hf_hub_refs_on_a_reachable_hub_still_build_and_their_config_is_checked(tmp_path: Path) -> None:
+    """On the project's own hub: a good repo builds with pretrained weights; a repo whose config.json smuggles a
+    non-architecture ``model_args`` key is refused before timm builds anything."""
+    from huggingface_hub import HfApi
+
+    from surgery.hub.server import HubServer, add_token
+
+    root = tmp_path / "hub"
+    root.mkdir()
+    token = add_token(root, "alice", "write")
+    torch.manual_seed(4)
+    base = timm.create_model("test_resnet", num_classes=3)
+    for repo, extra in (("alice/good", {}), ("alice/evil", {"checkpoint_path": str(tmp_path / "evil.pth")})):
+        folder = tmp_path / repo.replace("/", "-")
+        timm.models.save_for_hf(base, folder, safe_serialization=True)
+        config = json.loads((folder / "config.json").read_text())
+        config["model_args"] = {**config.get("model_args", {}), **extra}
+        (folder / "config.json").write_text(json.dumps(config))
+    probe = tmp_path / "probe.safetensors"
+    x = torch.randn(1, 3, 32, 32)
+    save_file({"x": x}, str(probe))
+    script = f"""
+    import torch
+    from safetensors.torch import load_file
+    from surgery.errors import ModelError
+    from surgery.models import build_model
+    from surgery.schema import ModelSpec
+    good = build_model(ModelSpec(name="hf-hub:alice/good", pretrained=True, kwargs={{"drop_rate": 0.1}})).eval()
+    with torch.no_grad():
+        print(good(load_file({str(probe)!r})["x"]).tolist())
+    for pretrained in (False, True):
+        try:
+            build_model(ModelSpec(name="hf-hub:alice/evil", pretrained=pretrained))
+        except ModelError as err:
+            print(err)
+    """
+    with HubServer(root) as server:
+        api = HfApi(endpoint=server.url, token=token)
+        for repo in ("alice/good", "alice/evil"):
+            api.create_repo(repo, exist_ok=True)
+            api.upload_folder(repo_id=repo, folder_path=tmp_path / repo.replace("/", "-"))
+        proc = _fresh(script, tmp_path, HF_ENDPOINT=server.url, HF_TOKEN=token, HF_HUB_DISABLE_XET="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(json.loads(lines[0])), base.eval()(x))
+    assert len(lines) == 3 and all("config.json model_args.checkpoint_path: refused" in line for line in lines[1:])
+    assert not (tmp_path / "evil.pth").exists()
