@@ -275,6 +275,11 @@ def convert(
         if not path.is_file():
             raise ModelError(f"--map {mapping}: expected order, names or a rename table file (YAML/JSON)")
         pairs = pair_by_names(source, target, RenameTable.load(path))
+    for s, t in pairs:
+        if source[s].is_floating_point() != target[t].is_floating_point():
+            raise ModelError(
+                f"{src}: source {s!r} is {source[s].dtype} but timm {t!r} is {target[t].dtype}; the pairing is wrong"
+            )
     state = {t: source[s].to(target[t].dtype) for s, t in pairs}
     result = model.load_state_dict(state, strict=False)
     left = [k for k in result.missing_keys if not k.endswith(_BN_COUNTER)]

@@ -107,6 +107,16 @@ def test_hostile_kwargs_are_refused_before_anything_is_fetched_or_built(
     assert not cache.exists()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"weights": "IMAGENET1K_V1"}, "weights"), ({"progress": True}, "progress"), ({"bogus": 1}, "bogus")],
+)
+def test_torchvision_kwargs_follow_the_same_rule(kwargs: dict, key: str) -> None:
+    with pytest.raises(ModelError) as err:
+        build_model(ModelSpec(name="torchvision:resnet18", kwargs=kwargs))
+    assert key in str(err.value) and "model.kwargs" in str(err.value)
+
+
 def test_the_overlay_url_gets_no_request_even_for_a_pretrained_build(
     listener: tuple[str, list[str]], tmp_path: Path
 ) -> None:
