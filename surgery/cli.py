@@ -76,6 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict", nargs="+", metavar="IMAGE", help="print the top classes of these images")
     p.add_argument("--top", type=int, default=3, help="classes shown per image with --predict (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("convert", help="import foreign weights (pickle or safetensors) into a timm model's layout")
+    p.add_argument("src", help="state dict to convert: .safetensors, or a pickle read with torch.load(weights_only)")
+    p.add_argument("--model", required=True, metavar="TIMM_NAME", help="timm model whose layout the weights take")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    p.add_argument(
+        "--map",
+        default="order",
+        metavar="order|names|FILE",
+        help="pair tensors by order (every shape must agree), by names, or by names after a rename table file",
+    )
+    p.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE", help="architecture argument")
+    p.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="IMAGE=CLASS",
+        help="known answer: the converted model's top-1 class of IMAGE must be CLASS (repeatable)",
+    )
+    p.add_argument("--push", metavar="ORG/NAME", help="publish in timm's format to this hub repo (HF_ENDPOINT)")
+    p.add_argument("--private", action="store_true", help="create the --push repo as private")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -191,9 +213,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import yaml
+
+    from surgery.convert import convert
+
+    expect = []
+    for item in args.expect:
+        image, sep, cls = item.rpartition("=")
+        if not sep or not image or not cls.strip().isdigit():
+            raise RecipeError(f"--expect {item}: expected IMAGE=CLASS with CLASS a class index, e.g. flower.jpg=985")
+        expect.append((image, int(cls)))
+    kwargs = {}
+    for item in args.kwarg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--kwarg {item}: expected KEY=VALUE, e.g. drop_rate=0.1")
+        kwargs[key] = yaml.safe_load(value)
+    result = convert(
+        args.src,
+        args.model,
+        args.out,
+        mapping=args.map,
+        kwargs=kwargs,
+        expect=expect,
+        push=args.push,
+        private=args.private,
+    )
+    print(f"Converted {len(result.pairs)} tensors of {args.src} into {args.model}: {result.out}")
+    for image, cls, p in result.checks:
+        print(f"  {image}: top-1 class {cls} (p={p:.2f}) as expected")
+    if result.pushed:
+        print(f"Published: {result.pushed} (timm.create_model('hf-hub:{args.push}', pretrained=True))")
+    return 0
+
+
 COMMANDS = {"plan": cmd_plan, "schema": cmd_schema, "recipes": cmd_recipes}
 COMMANDS["train"] = cmd_train
 COMMANDS.update({"push": cmd_push, "merge": cmd_merge, "load": cmd_load})
+COMMANDS["convert"] = cmd_convert
 
 
 def main(argv: Sequence[str] | None = None) -> int:
