@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter folder or hf-hub:ORG/NAME[@REVISION]")
     p.add_argument("out", help="output folder, loadable with timm.create_model('local-dir:OUT', pretrained=True)")
     p.add_argument("--base", metavar="REF", help="the base, as for `surgery load --base`")
+    p.add_argument("--fingerprint", metavar="SHA256", help="the base fingerprint you trust, as for `surgery load`")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("load", help="load and verify an adapter; optionally classify images with it")
@@ -80,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base",
         metavar="REF",
-        help="the base to load onto: a timm name, hf-hub:ORG/NAME[@REV], a .safetensors checkpoint of the recorded "
-        "architecture, or a trusted fingerprint sha256:...; its fingerprint must match the adapter's",
+        help="the base to load onto: a timm name, hf-hub:ORG/NAME[@REV] or a .safetensors checkpoint of the recorded "
+        "architecture; its fingerprint must match the adapter's",
     )
+    p.add_argument("--fingerprint", metavar="SHA256", help="the base fingerprint you trust (sha256:...), checked too")
     p.add_argument("--predict", nargs="+", metavar="IMAGE", help="print the top classes of these images")
     p.add_argument("--top", type=int, default=3, help="classes shown per image with --predict (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -188,7 +190,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from surgery.adapter import merge
 
-    out = merge(args.adapter, args.out, base=args.base)
+    out = merge(args.adapter, args.out, base=args.base, fingerprint=args.fingerprint)
     print(f"Merged {args.adapter} into {out} (timm: create_model('local-dir:{out}', pretrained=True))")
     return 0
 
@@ -196,7 +198,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from surgery.adapter import describe, load, predict
 
-    model = load(args.adapter, base=args.base)
+    model = load(args.adapter, base=args.base, fingerprint=args.fingerprint)
     print(describe(model.adapter_info))
     for line in predict(model, args.predict or [], top=args.top):
         print(line)

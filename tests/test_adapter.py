@@ -473,3 +473,129 @@ def test_surgery_train_writes_an_adapter_that_reloads_identically(
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model.eval()(x))
+
+
+# ------------------------------------------------------------------------------------------------ data config
+
+
+def test_the_training_input_size_travels_to_load_merge_card_and_predict(bases: dict[str, Path], tmp_path: Path) -> None:
+    from timm.data import resolve_data_config
+
+    from surgery.adapter import predict
+
+    assert resolve_data_config({}, model=timm.create_model("test_resnet"))["input_size"] == (3, 160, 160)
+    data_config = {
+        "input_size": (3, 32, 32),
+        "interpolation": "bilinear",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    model, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad", data_config=data_config)
+    assert read_info(folder)["data_config"]["input_size"] == [3, 32, 32]
+    loaded = _load(folder)
+    resolved = resolve_data_config({}, model=loaded)
+    assert resolved["input_size"] == (3, 32, 32) and resolved["interpolation"] == "bilinear"
+    assert tuple(resolved["mean"]) == (0.5, 0.5, 0.5) and resolved["crop_pct"] == 1.0
+    card = (folder / "README.md").read_text()
+    assert "Input size: 32x32" in card and "bilinear" in card
+
+    out = merge(folder, tmp_path / "merged", base=_base(folder))
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    merged = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert resolve_data_config({}, model=merged)["input_size"] == (3, 32, 32)
+    assert "Input size: 32x32" in (out / "README.md").read_text()
+
+    # predict uses the training transform: a 32x32 input gives the same answer as the model on that tensor
+    from PIL import Image
+    from timm.data import create_transform
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (50, 40), (20, 200, 30)).save(image)
+    x = create_transform(**data_config)(Image.open(image).convert("RGB")).unsqueeze(0)
+    assert x.shape[-1] == 32
+    with torch.no_grad():
+        best = int(loaded(x).argmax())
+    assert predict(loaded, [image], top=1)[0].startswith(f"{image}: {best} (")
+
+
+def test_bad_data_config_is_refused_at_save(bases: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(AdapterError, match=r"data_config\.input_size\.1: Input should be greater"):
+        _train(_recipe(bases["test_resnet"]), tmp_path / "ad", data_config={"input_size": (3, -1, 32)})
+
+
+def test_only_meaningful_metrics_are_kept(bases: dict[str, Path], tmp_path: Path) -> None:
+    metrics = {
+        "val_top1": 0.5,
+        "val_loss": 1.25,
+        "history": [{"epoch": 1}],
+        "ema_val_top1": None,
+        "steps": 12,
+        "epochs": 2,
+        "images_per_s": 99.0,
+        "feature_cache": True,
+        "class_names": ["a"],
+        "nan": float("nan"),
+    }
+    _, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad", metrics=metrics)
+    assert read_info(folder)["metrics"] == {"val_top1": 0.5, "val_loss": 1.25}
+    section = (folder / "README.md").read_text().split("## Metrics")[1].split("## Recipe")[0]
+    assert section.strip().splitlines() == [
+        "| metric | value |",
+        "|---|---|",
+        "| val_top1 | 0.5 |",
+        "| val_loss | 1.25 |",
+    ]
+
+
+# ------------------------------------------------------------------------------------------- base provenance
+
+
+def test_a_local_checkpoint_base_warns_and_is_not_recorded_as_a_path(bases: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"local checkpoint test_resnet\.safetensors .*--base"):
+        _, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad")
+    text = (folder / "surgery.json").read_text() + (folder / "README.md").read_text()
+    assert str(BASE_DIR[0]) not in text
+    assert "sha256" in (folder / "README.md").read_text()
+
+
+def test_a_trusted_fingerprint_refuses_a_swapped_base(bases: dict[str, Path], tmp_path: Path) -> None:
+    # Someone swaps the base (another checkpoint) and rewrites the recorded fingerprint and sha256 to match: the
+    # adapter's own files agree, so only a fingerprint the user trusts (or the base in hand) catches it.
+    _, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad")
+    trusted = fingerprint(build_model(load_recipe(_recipe(bases["test_resnet"])).model))
+    torch.manual_seed(99)
+    swapped = timm.create_model("test_resnet")
+    swapped_file = tmp_path / "swapped" / "test_resnet.safetensors"
+    swapped_file.parent.mkdir()
+    save_file(swapped.state_dict(), str(swapped_file))
+    info = json.loads((folder / "surgery.json").read_text())
+    info["base"]["fingerprint"] = fingerprint(swapped)
+    info["base"]["checkpoint_sha256"] = hashlib.sha256(swapped_file.read_bytes()).hexdigest()
+    (folder / "surgery.json").write_text(json.dumps(info))
+    assert isinstance(surgery.load(folder, base=swapped_file), nn.Module)  # self-consistent: loads
+    with pytest.raises(AdapterError, match=r"wrong base model: .*not the one whose fingerprint you trust"):
+        surgery.load(folder, base=swapped_file, fingerprint=trusted)
+    assert main(["load", str(folder), "--base", str(swapped_file), "--fingerprint", trusted]) == 2
+    with pytest.raises(AdapterError, match="wrong base model: the base model you passed is not the one"):
+        surgery.load(folder, base=build_model(load_recipe(_recipe(bases["test_resnet"])).model))
+
+
+def test_load_and_save_replay_stages_through_plan_stages(
+    bases: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import surgery.stages
+
+    _, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad")
+    calls = []
+    real = surgery.stages.plan_stages
+
+    def spy(model: nn.Module, recipe: Any) -> Any:
+        calls.append(recipe)
+        return real(model, recipe)
+
+    monkeypatch.setattr(surgery.stages, "plan_stages", spy)
+    _load(folder)
+    merge(folder, tmp_path / "m", base=_base(folder))
+    assert len(calls) == 2  # load and merge: the one replay

@@ -115,8 +115,8 @@ class DataConfig(_Strict):
         return self
 
     def to_timm(self) -> dict[str, Any]:
-        """The dict timm's ``create_transform`` and ``pretrained_cfg`` take."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model_dump().items()}
+        """The dict timm's ``create_transform`` and ``pretrained_cfg`` take (tuples, as timm's own configs)."""
+        return self.model_dump()
 
 
 class AdapterConfig(_Strict):
@@ -163,7 +163,8 @@ class AdapterConfig(_Strict):
         return self.model_dump(mode="json")
 
 
-def _first_error(err: ValidationError) -> str:
+def first_error(err: ValidationError) -> str:
+    """``key.path: message`` of a pydantic error's first entry, on one line."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     return f"{where}: {first['msg']}"
@@ -190,7 +191,7 @@ def parse_config(data: Any, *, where: str) -> AdapterConfig:
         return AdapterConfig.model_validate(data)
     except ValidationError as err:
         raise AdapterError(
-            f"{where}: {_first_error(err)}; the adapter is damaged or hostile: save or download it again"
+            f"{where}: {first_error(err)}; the adapter is damaged or hostile: save or download it again"
         ) from None
 
 

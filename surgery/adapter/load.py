@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +18,16 @@ from surgery.adapter.format import (
     ADAPTER_FILE,
     CARD_FILE,
     CONFIG_FILE,
+    FINGERPRINT,
     HF_HUB,
     AdapterConfig,
     check_tensors,
     dtype_name,
-    fingerprint,
     is_commit,
     read_config,
     read_header,
 )
+from surgery.adapter.format import fingerprint as fingerprint_of
 from surgery.adapter.save import build_base, expected_tensors, replay
 from surgery.errors import AdapterError, SurgeryError
 from surgery.io import sha256_file
@@ -37,8 +39,8 @@ AdapterInfo = dict[str, Any]
 """The parsed ``surgery.json`` as plain data (``AdapterConfig.to_dict()``), plus ``source`` after a load."""
 
 BaseLike = nn.Module | str | Path | None
-"""What ``load(..., base=)`` takes: a model, a trusted fingerprint ``sha256:...``, a timm name, an ``hf-hub:``
-reference or a ``.safetensors`` checkpoint file of the base."""
+"""What ``load(..., base=)`` takes: a model, a timm name, an ``hf-hub:`` reference or a ``.safetensors`` checkpoint
+file of the base."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def _wrong_base(config: AdapterConfig, got: str, want: str, *, supplied: str) ->
         why = "the base model you passed is not the one the adapter was trained on"
         fix = "pass the original base model, or load without base= to rebuild it from surgery.json"
     elif supplied == "fingerprint":
-        why = f"the base {_where(config)} named by the adapter is not the base you trust (base='sha256:...')"
+        why = "the base is not the one whose fingerprint you trust (fingerprint=...)"
         fix = "the adapter was made on another base, or surgery.json was edited: do not use it"
     elif not base.reproducible:
         why = (
@@ -140,11 +142,6 @@ def _base_from(config: AdapterConfig, base: BaseLike, *, token: str | None, wher
     """The base model and how it was supplied ("model", "fingerprint", "reference" or "recorded")."""
     if isinstance(base, nn.Module):
         return copy.deepcopy(base), "model"
-    if isinstance(base, str) and base.startswith("sha256:"):
-        recorded = config.base.model_dump()
-        if recorded.get("model") is None:
-            raise AdapterError(f"{where}: the base model is not recorded; pass it: load(ref, base=model)")
-        return build_base(recorded, token=token, where=where), "fingerprint"
     if base is not None:
         text = str(base)
         recorded = config.base.model_dump()
@@ -197,7 +194,9 @@ class Loaded:
     source: Source
 
 
-def load_folder(source: Source, *, base: BaseLike = None, token: str | None = None) -> Loaded:
+def load_folder(
+    source: Source, *, base: BaseLike = None, fingerprint: str | None = None, token: str | None = None
+) -> Loaded:
     """Load a resolved adapter (see :func:`load`)."""
     from safetensors.torch import load_file
 
@@ -210,13 +209,14 @@ def load_folder(source: Source, *, base: BaseLike = None, token: str | None = No
         recipe = load_recipe(config.recipe)
     except SurgeryError as err:
         raise AdapterError(f"{where}: recipe: {err}") from None
+    if fingerprint is not None and re.fullmatch(FINGERPRINT, fingerprint) is None:
+        raise AdapterError(f"fingerprint={fingerprint[:20]!r}: expected 'sha256:' and 64 hex digits")
     model, supplied = _base_from(config, base, token=token, where=where)
-    got = fingerprint(model)
-    want = base if isinstance(base, str) and base.startswith("sha256:") else config.base.fingerprint
-    if got != want:
-        raise _wrong_base(config, got, want, supplied=supplied)
-    if got != config.base.fingerprint:  # the trusted fingerprint matched but the adapter names another base
-        raise _wrong_base(config, got, config.base.fingerprint, supplied="fingerprint")
+    got = fingerprint_of(model)
+    if fingerprint is not None and got != fingerprint:  # the anchor the user trusts, checked first
+        raise _wrong_base(config, got, fingerprint, supplied="fingerprint")
+    if got != config.base.fingerprint:
+        raise _wrong_base(config, got, config.base.fingerprint, supplied=supplied)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         plans = replay(model, recipe)
@@ -253,18 +253,22 @@ def load_folder(source: Source, *, base: BaseLike = None, token: str | None = No
     return Loaded(model, plans[0], config, base_state, source)
 
 
-def load(ref: str | Path, *, base: BaseLike = None, token: str | None = None) -> nn.Module:
+def load(
+    ref: str | Path, *, base: BaseLike = None, fingerprint: str | None = None, token: str | None = None
+) -> nn.Module:
     """The trained model of an adapter (folder or ``hf-hub:org/name[@revision]``), in eval mode.
 
     Builds the base from ``surgery.json`` (only through :func:`surgery.models.build_model`), or takes ``base``: a model
-    (a copy is used; its fingerprint must be the recorded one), a fingerprint you trust (``"sha256:..."``: the rebuilt
-    base must have it), or a reference (timm name, ``hf-hub:``, a ``.safetensors`` checkpoint file). Then applies the
+    (a copy is used) or a reference (timm name, ``hf-hub:``, a ``.safetensors`` checkpoint file of the recorded
+    architecture). Its fingerprint must be the recorded one and, when given, ``fingerprint`` (a ``"sha256:..."`` you
+    trust, e.g. from :func:`surgery.adapter.fingerprint` of your own base): the recorded one is the uploader's word,
+    yours is not. Then applies the
     recipe's stages (heads, norm conversions) and loads ``adapter.safetensors`` strictly: outputs equal the trained
     model's. A wrong base, a missing or extra tensor, a shape mismatch or a tampered file raises
     :class:`AdapterError`. ``model.adapter_info`` holds ``surgery.json`` and ``source`` (the ref and the commit a hub
     ref resolved to: pin it as ``hf-hub:org/name@<sha>``). ``model.pretrained_cfg`` carries the training data config.
     """
-    return load_folder(resolve(ref, token=token), base=base, token=token).model
+    return load_folder(resolve(ref, token=token), base=base, fingerprint=fingerprint, token=token).model
 
 
 def data_config_of(model: nn.Module) -> Mapping[str, Any]:

@@ -101,7 +101,13 @@ def _probe(model: nn.Module) -> torch.Tensor:
 
 
 def merge(
-    ref: str | Path, out: str | Path, *, base: BaseLike = None, token: str | None = None, check: bool = True
+    ref: str | Path,
+    out: str | Path,
+    *,
+    base: BaseLike = None,
+    fingerprint: str | None = None,
+    token: str | None = None,
+    check: bool = True,
 ) -> Path:
     """Write the adapter merged into its base as a timm folder (``config.json``, ``model.safetensors``, README.md).
 
@@ -109,14 +115,15 @@ def merge(
     ``pretrained_cfg``, so ``timm.create_model("local-dir:OUT", pretrained=True)`` and ``resolve_data_config`` give the
     trained model and its input size without this package. With ``check`` (default) the folder is loaded back with timm
     and its outputs compared with the adapter's (``torch.equal``) before anything appears in ``out``. Heads timm cannot
-    build from ``num_classes`` are refused before anything is written. ``base`` is as for :func:`surgery.load`.
+    build from ``num_classes`` are refused before anything is written. ``base`` and ``fingerprint``: as for
+    :func:`surgery.load`.
     """
     import timm.models
 
     from surgery.adapter.card import write_card
     from surgery.adapter.save import base_model_id
 
-    loaded = load_folder(resolve(ref, token=token), base=base, token=token)
+    loaded = load_folder(resolve(ref, token=token), base=base, fingerprint=fingerprint, token=token)
     model, config = loaded.model, loaded.config
     mergeable(model, loaded.plan, config)
     probe = _probe(model)

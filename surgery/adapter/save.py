@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -25,6 +26,7 @@ from surgery.adapter.format import (
     DataConfig,
     dtype_name,
     fingerprint,
+    first_error,
     is_commit,
     parse_config,
 )
@@ -292,8 +294,8 @@ def _data_config(data_config: Mapping[str, Any] | None) -> DataConfig | None:
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     try:
         return DataConfig.model_validate({k: data_config[k] for k in keys if data_config.get(k) is not None})
-    except ValueError as err:
-        raise AdapterError(f"save_adapter: data_config: {err}") from None
+    except ValidationError as err:
+        raise AdapterError(f"save_adapter: data_config.{first_error(err)}; pass timm's data config") from None
 
 
 def save_adapter(
