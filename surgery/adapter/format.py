@@ -166,8 +166,9 @@ class AdapterConfig(_Strict):
 def first_error(err: ValidationError) -> str:
     """``key.path: message`` of a pydantic error's first entry, on one line."""
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    return f"{where}: {first['msg']}"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {message}" if where else message  # a cross-key check names its key itself
 
 
 def parse_config(data: Any, *, where: str) -> AdapterConfig:
