@@ -601,3 +601,22 @@ def test_load_and_save_replay_stages_through_plan_stages(
     _load(folder)
     merge(folder, tmp_path / "m", base=_base(folder))
     assert len(calls) == 2  # load and merge: the one replay
+
+
+def test_a_staged_adapter_saved_from_a_fingerprint_reloads_identically(bases: dict[str, Path], tmp_path: Path) -> None:
+    # What the trainer does (C-adapter-save): fingerprint at step 0, stages through plan_stage, save_adapter at the end.
+    from surgery.stages import plan_stages
+
+    recipe = _recipe(bases["test_resnet"], surgery_={"rules": [{"freeze": "*"}], "heads": {"fc": {"num_classes": 3}}})
+    recipe["train"] = {"stages": [{"epochs": 1}, {"epochs": 1, "rules": [{"unfreeze": "layer4"}]}]}
+    loaded_recipe = load_recipe(recipe)
+    model = build_model(loaded_recipe.model)
+    base = fingerprint(model)
+    plans = [p for _, p in plan_stages(model, loaded_recipe)]
+    with torch.no_grad():  # "training": what either stage trains changes
+        model.fc.weight.add_(1.0)
+        model.layer4[0].conv1.weight.mul_(1.5)
+    save_adapter(model.eval(), plans[-1], tmp_path / "ad", base=base, recipe=loaded_recipe)
+    saved = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
+    assert "layer4.0.conv1.weight" in saved and "fc.weight" in saved and "conv1.0.weight" not in saved
+    assert torch.equal(_outputs(_load(tmp_path / "ad")), _outputs(model))

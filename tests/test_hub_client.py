@@ -320,7 +320,8 @@ def test_a_run_folder_pushes_the_adapter_set_only(hub, checkpoint: Path, tmp_pat
     (out / "metrics.json").write_text("{}")
     (out / "plan.json").write_text("{}")
     spec = load_recipe({"hub": {"repo": "alice/run"}}).hub
-    result = push_from_recipe(out, spec, progress=False)
+    with pytest.warns(UserWarning, match=r"push: the base is test_resnet \+ the local checkpoint .*--base"):
+        result = push_from_recipe(out, spec, progress=False)
     api = HfApi(endpoint=hub.url, token=hub.alice)
     files = api.list_repo_files("alice/run")
     assert sorted(files) == [".gitattributes", "README.md", "adapter.safetensors", "plan.json", "surgery.json"]
