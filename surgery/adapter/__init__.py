@@ -4,6 +4,7 @@ An adapter folder holds ``adapter.safetensors`` (exactly what differs from the b
 :class:`AdapterConfig`) and ``README.md`` (a model card). The rooms of this package:
 
 - :mod:`~surgery.adapter.format`: file names, :class:`AdapterConfig`, :func:`fingerprint`, the one tensor check;
+- :mod:`~surgery.adapter.base`: how the base is recorded and built again (through ``build_model`` only);
 - :mod:`~surgery.adapter.save`: :func:`save_adapter`;
 - :mod:`~surgery.adapter.load`: :func:`load`, :func:`verify_files`, :func:`read_info`;
 - :mod:`~surgery.adapter.merge`: :func:`merge` (through timm's ``save_for_hf``), :func:`plain_norms`;

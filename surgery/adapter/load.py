@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.adapter.base import build_base
 from surgery.adapter.format import (
     ADAPTER_FILE,
     CARD_FILE,
@@ -28,7 +29,7 @@ from surgery.adapter.format import (
     read_header,
 )
 from surgery.adapter.format import fingerprint as fingerprint_of
-from surgery.adapter.save import build_base, expected_tensors, replay
+from surgery.adapter.save import expected_tensors, replay
 from surgery.errors import AdapterError, SurgeryError
 from surgery.io import sha256_file
 from surgery.plan import Plan

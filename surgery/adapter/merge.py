@@ -120,8 +120,8 @@ def merge(
     """
     import timm.models
 
+    from surgery.adapter.base import base_model_id
     from surgery.adapter.card import write_card
-    from surgery.adapter.save import base_model_id
 
     loaded = load_folder(resolve(ref, token=token), base=base, fingerprint=fingerprint, token=token)
     model, config = loaded.model, loaded.config

@@ -88,8 +88,8 @@ def _card_for(folder: Path, repo_id: str) -> None:
     if not ours:
         return  # a card the user wrote: theirs to keep
     if (folder / CONFIG_FILE).is_file():
+        from surgery.adapter.base import base_model_id, warn_local_base
         from surgery.adapter.format import read_config
-        from surgery.adapter.save import base_model_id, warn_local_base
 
         config = read_config(folder)
         warn_local_base(config.base.model_dump(), when="push")
