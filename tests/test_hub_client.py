@@ -374,3 +374,22 @@ def test_a_pinned_commit_is_the_integrity_anchor(hub, checkpoint: Path, tmp_path
         assert not torch.equal(latest(x), expected)  # the tampered upload loads: its files are self-consistent
     assert pinned.adapter_info["source"]["revision"] == first.sha
     assert latest.adapter_info["source"]["revision"] == second.sha  # recorded, so the user sees what was loaded
+
+
+def test_a_hub_base_whose_config_names_a_url_is_refused(hub, tmp_path: Path) -> None:
+    # timm passes a hub config.json's model_args to the model: a stranger's base repo must not smuggle kwargs there.
+    base = timm.create_model("test_resnet")
+    timm.models.save_for_hf(base, tmp_path / "evil", safe_serialization=True)
+    config = json.loads((tmp_path / "evil" / "config.json").read_text())
+    config["model_args"] = {"pretrained_cfg_overlay": {"url": "http://127.0.0.1:9/evil.pth"}}
+    (tmp_path / "evil" / "config.json").write_text(json.dumps(config))
+    push_folder(tmp_path / "evil", "alice/evil-base", progress=False)
+    recipe = load_recipe({"model": {"name": "test_resnet"}, "surgery": {"heads": {"fc": {"num_classes": 2}}}})
+    model = build_model(recipe.model)
+    fp = fingerprint(model)
+    save_adapter(model.eval(), surgery.apply(model, recipe), tmp_path / "ad", base=fp)
+    info = json.loads((tmp_path / "ad" / "surgery.json").read_text())
+    info["base"].update(model="hf-hub:alice/evil-base", pretrained=True)
+    (tmp_path / "ad" / "surgery.json").write_text(json.dumps(info))
+    with pytest.raises(AdapterError, match=r"config\.json: model_args\.pretrained_cfg_overlay is not an architecture"):
+        surgery.load(tmp_path / "ad")

@@ -89,6 +89,7 @@ def build_base(
     from surgery.models import build_model
     from surgery.schema import ModelSpec
 
+    extra_kwargs = dict(base.get("kwargs") or {})
     name = str(base["model"])
     pretrained = bool(base.get("pretrained"))
     if base.get("checkpoint") and checkpoint is None:
@@ -117,12 +118,15 @@ def build_base(
                 f"base {name}: the repo has no model.safetensors; only safetensors weights are loaded (never pickle)"
             )
         name = f"local-dir:{folder}"
+        # timm passes config.json's model_args to the model as kwargs; route them through build_model's allow-list
+        # like any other kwargs (the repo may be a stranger's), with the recorded kwargs taking precedence.
+        extra_kwargs = {**_hub_model_args(folder / "config.json", where=f"base {base['model']}"), **extra_kwargs}
     try:
         spec = ModelSpec(
             name=name,
             pretrained=pretrained,
             checkpoint=str(checkpoint) if checkpoint else None,
-            kwargs=dict(base.get("kwargs") or {}),
+            kwargs=extra_kwargs,
         )
     except ValueError as err:
         raise AdapterError(f"{where}: base: {err}") from None
@@ -134,6 +138,34 @@ def build_base(
         raise AdapterError(
             f"{where}: base {base.get('model')}: cannot build it ({type(err).__name__}: {err})"
         ) from None
+
+
+MAX_HUB_CONFIG_BYTES = 1 << 20
+
+
+def _hub_model_args(path: Path, *, where: str) -> dict[str, Any]:
+    """``model_args`` of a hub base's config.json: architecture arguments as JSON scalars or lists, else refused."""
+    import json
+
+    if path.stat().st_size > MAX_HUB_CONFIG_BYTES:
+        raise AdapterError(f"{where}: config.json is {path.stat().st_size:,} bytes; refused")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{where}: config.json is not readable JSON ({err})") from None
+    args = config.get("model_args") if isinstance(config, dict) else None
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise AdapterError(f"{where}: config.json: model_args is not a mapping; refused")
+    for key, value in args.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(v is None or isinstance(v, bool | int | float | str) for v in items):
+            raise AdapterError(
+                f"{where}: config.json: model_args.{key} is not an architecture argument (a {type(value).__name__}); "
+                "refused"
+            )
+    return dict(args)
 
 
 def base_model_id(model: nn.Module | None, base: Mapping[str, Any]) -> str | None:
