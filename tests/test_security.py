@@ -287,3 +287,12 @@ def test_a_random_base_is_refused_by_its_fingerprint(adapter: Path, made: tuple[
     with pytest.raises(AdapterError, match="wrong base model: the base test_resnet has random weights"):
         surgery.load(adapter)
     assert isinstance(surgery.load(adapter, base=made[1]), torch.nn.Module)
+
+
+def test_a_hostile_head_size_is_refused_before_it_is_allocated(
+    adapter: Path, made: tuple[Path, torch.nn.Module]
+) -> None:
+    # fc of 96 x 10^10 floats would be 3.8 TB: the meta-device dry run compares it with the file first
+    _edit(adapter, lambda i: i["recipe"]["surgery"]["heads"]["fc"].update(num_classes=10**10))
+    with pytest.raises(AdapterError, match=r"shape mismatch for 'fc\.(weight|bias)': float32\[2.*10000000000"):
+        surgery.load(adapter, base=made[1])

@@ -195,6 +195,34 @@ class Loaded:
     source: Source
 
 
+def _replay_checked(model: nn.Module, recipe: Any, *, where: str) -> list[Plan]:
+    try:
+        return replay(model, recipe)
+    except SurgeryError as err:
+        raise AdapterError(f"{where}: the recipe does not apply to its base: {err}") from None
+
+
+def _check_layout(path: Path, header: dict[str, tuple[list[int], str]], model: nn.Module, plans: list[Plan]) -> None:
+    """The one tensor check against what the recipe makes of the base: required, allowed, shapes and dtypes."""
+    required, optional = expected_tensors(model, plans)
+    state = model.state_dict()
+    allowed = {n: (list(t.shape), dtype_name(t)) for n, t in state.items() if n in required or n in optional}
+
+    def extra(name: str) -> str:
+        if name not in state:
+            return f": the model built from {CONFIG_FILE} has no such tensor; the adapter belongs to another model"
+        return ": the recipe keeps it frozen, so an adapter never changes it; the adapter was saved from another recipe"
+
+    check_tensors(
+        path,
+        header,
+        allowed,
+        {n: f"{kind}; the recipe trains it but the adapter lacks it" for n, kind in required.items()},
+        extra=extra,
+        mismatch="in the model; the adapter was trained with another head size or model",
+    )
+
+
 def load_folder(
     source: Source, *, base: BaseLike = None, fingerprint: str | None = None, token: str | None = None
 ) -> Loaded:
@@ -219,28 +247,12 @@ def load_folder(
     if got != config.base.fingerprint:
         raise _wrong_base(config, got, config.base.fingerprint, supplied=supplied)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        plans = replay(model, recipe)
-    except SurgeryError as err:
-        raise AdapterError(f"{where}: the recipe does not apply to its base: {err}") from None
-    required, optional = expected_tensors(model, plans)
-    state = model.state_dict()
-    allowed = {n: (list(t.shape), dtype_name(t)) for n, t in state.items() if n in required or n in optional}
-
-    def extra(name: str) -> str:
-        if name not in state:
-            return f": the model built from {CONFIG_FILE} has no such tensor; the adapter belongs to another model"
-        return ": the recipe keeps it frozen, so an adapter never changes it; the adapter was saved from another recipe"
-
+    # A dry run on a meta-device copy first: the tensors the recipe would create (say, a hostile head of a billion
+    # classes) are checked against the file's header, which was checked against the file size, before any allocation.
+    layout = copy.deepcopy(model).to("meta")
+    _check_layout(folder / ADAPTER_FILE, header, layout, _replay_checked(layout, recipe, where=where))
+    plans = _replay_checked(model, recipe, where=where)
     path = folder / ADAPTER_FILE
-    check_tensors(
-        path,
-        header,
-        allowed,
-        {n: f"{kind}; the recipe trains it but the adapter lacks it" for n, kind in required.items()},
-        extra=extra,
-        mismatch="in the model; the adapter was trained with another head size or model",
-    )
     try:
         tensors = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - the header was checked; anything left is damage
