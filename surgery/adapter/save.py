@@ -123,18 +123,15 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _recipe_data(recipe: Any, base: Mapping[str, Any] | None) -> dict[str, Any]:
+def _recipe_data(recipe: Any) -> dict[str, Any]:
     from surgery.recipe import load_recipe, resolved_data
 
     try:
         data = resolved_data(recipe)
     except RecipeError as err:
         raise AdapterError(f"cannot write {CONFIG_FILE}: {err}") from None
-    if data.get("model"):  # the checkpoint by name only, as in base (no path of this machine)
-        if base is not None and base.get("checkpoint"):
-            data["model"]["checkpoint"] = base["checkpoint"]
-        else:
-            data["model"].pop("checkpoint", None)
+    if data.get("model"):  # base.checkpoint(_sha256) names it; a path of this machine means nothing elsewhere
+        data["model"].pop("checkpoint", None)
     try:
         load_recipe(data)  # what load() will read back must load
     except SurgeryError as err:
@@ -287,7 +284,7 @@ def save_adapter(
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "base": {**(ref or {"model": None, "reproducible": False}), "fingerprint": base_fp},
-        "recipe": _recipe_data(recipe, ref),
+        "recipe": _recipe_data(recipe),
         "num_classes": num_classes,
         "class_names": class_names,
         "heads": heads,
