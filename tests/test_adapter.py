@@ -469,6 +469,7 @@ def test_surgery_train_writes_an_adapter_that_reloads_identically(
     assert ("layer4.0.conv1.weight" in saved) is staged and "fc.weight" in saved and "conv1.0.weight" not in saved
     info = read_info(tmp_path / "out")
     assert info["class_names"] == ["class_0", "class_1", "class_2"] and "val_top1" in info["metrics"]
+    assert str(data) not in (tmp_path / "out" / "surgery.json").read_text()  # no path of this machine
     assert info["data_config"]["input_size"] == [3, 32, 32]  # C-adapter-save: the trainer passes its data config
     assert "history" not in info["metrics"] and "steps" not in info["metrics"]
     loaded = _load(tmp_path / "out")

@@ -132,6 +132,8 @@ def _recipe_data(recipe: Any) -> dict[str, Any]:
         raise AdapterError(f"cannot write {CONFIG_FILE}: {err}") from None
     if data.get("model"):  # base.checkpoint(_sha256) names it; a path of this machine means nothing elsewhere
         data["model"].pop("checkpoint", None)
+    if data.get("data"):  # where the training images were on this machine: no use elsewhere, and private
+        data["data"].pop("root", None)
     try:
         load_recipe(data)  # what load() will read back must load
     except SurgeryError as err:
