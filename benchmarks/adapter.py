@@ -44,7 +44,7 @@ def adapter_size(work: Path) -> dict[str, float]:
     surgery.save_adapter(model.eval(), the_plan, work / "adapter", base=base)
     save_s = time.perf_counter() - start
     start = time.perf_counter()
-    surgery.load(work / "adapter")
+    surgery.load(work / "adapter", base=checkpoint)  # a local checkpoint base is given, as `--base` does
     load_s = time.perf_counter() - start
     return {
         "model_bytes": checkpoint.stat().st_size,
@@ -74,7 +74,7 @@ def transfer(work: Path, mb: int, rounds: int) -> dict[str, list[float]]:
     try:
         for i in range(rounds):
             start = time.perf_counter()
-            hub.push_folder(payload.parent, f"bench/big-{i}", progress=False)
+            hub.push_files(payload.parent, f"bench/big-{i}", ["payload.dat"], progress=False)
             results["push"].append(size / 1e6 / (time.perf_counter() - start))
 
             import huggingface_hub.constants as constants

@@ -42,8 +42,8 @@ _EXPORTS: dict[str, str] = {
     "save_adapter": "surgery.adapter",
     "apply": "surgery.apply",
     "apply_plan": "surgery.apply",
-    "push": "surgery.hub.client",
-    "push_folder": "surgery.hub.client",
+    "push": "surgery.adapter",
+    "push_folder": "surgery.adapter",
     "build_model": "surgery.models",
     "HeadChange": "surgery.plan",
     "NormChange": "surgery.plan",
@@ -92,7 +92,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
-    from surgery.adapter import fingerprint, load, merge, save_adapter  # noqa: F401
+    from surgery.adapter import fingerprint, load, merge, push, push_folder, save_adapter  # noqa: F401
     from surgery.apply import apply, apply_plan  # noqa: F401
     from surgery.errors import (  # noqa: F401
         AdapterError,
@@ -105,7 +105,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
         RecipeError,
         SurgeryError,
     )
-    from surgery.hub.client import push, push_folder  # noqa: F401
     from surgery.models import build_model  # noqa: F401
     from surgery.plan import HeadChange, NormChange, ParamPlan, Plan, plan  # noqa: F401
     from surgery.recipe import builtin_recipes, load_recipe  # noqa: F401

@@ -58,21 +58,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    p = sub.add_parser("push", help="upload a folder (adapter or merged model) to a hub repo as one commit")
+    p = sub.add_parser("push", help="upload an adapter (or merged model) folder to a hub repo as one commit")
     p.add_argument("folder", help="output folder of `surgery train` or `surgery merge`")
     p.add_argument("repo", metavar="ORG/NAME", help="hub repo, created if missing (hub: HF_ENDPOINT, token: HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--revision", metavar="BRANCH", help="branch to push to, created from main if missing")
     p.add_argument("--message", help="commit message")
+    p.add_argument("--include-checkpoints", action="store_true", help="also push checkpoints/ (safetensors only)")
+    p.add_argument("--all", action="store_true", help="push every file of the folder (never pickle or hidden files)")
+    p.add_argument("--no-progress", action="store_true", help="no upload progress bars")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("merge", help="merge an adapter into its base as a plain timm folder (config.json + weights)")
     p.add_argument("adapter", help="adapter folder or hf-hub:ORG/NAME[@REVISION]")
     p.add_argument("out", help="output folder, loadable with timm.create_model('local-dir:OUT', pretrained=True)")
+    p.add_argument("--base", metavar="REF", help="the base, as for `surgery load --base`")
+    p.add_argument("--fingerprint", metavar="SHA256", help="the base fingerprint you trust, as for `surgery load`")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("load", help="load and verify an adapter; optionally classify images with it")
-    p.add_argument("adapter", help="adapter folder or hf-hub:ORG/NAME[@REVISION]")
+    p.add_argument("adapter", help="adapter folder or hf-hub:ORG/NAME[@REVISION] (pin a commit sha for integrity)")
+    p.add_argument(
+        "--base",
+        metavar="REF",
+        help="the base to load onto: a timm name, hf-hub:ORG/NAME[@REV] or a .safetensors checkpoint of the recorded "
+        "architecture; its fingerprint must match the adapter's",
+    )
+    p.add_argument("--fingerprint", metavar="SHA256", help="the base fingerprint you trust (sha256:...), checked too")
     p.add_argument("--predict", nargs="+", metavar="IMAGE", help="print the top classes of these images")
     p.add_argument("--top", type=int, default=3, help="classes shown per image with --predict (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -175,9 +187,24 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from surgery.hub.client import push_folder
+    from surgery.adapter import push
 
-    result = push_folder(args.folder, args.repo, private=args.private, revision=args.revision, message=args.message)
+    result = push(
+        args.folder,
+        args.repo,
+        private=args.private,
+        revision=args.revision,
+        message=args.message,
+        include_checkpoints=args.include_checkpoints,
+        everything=args.all,
+        progress=not args.no_progress,
+    )
+    print(f"Pushed {result.files} file(s), {result.bytes:,} bytes, to {result.repo_id} ({result.revision}):")
+    for path in result.paths:
+        print(f"  {path}")
+    for path, why in result.left_out:
+        print(f"  not pushed: {path} ({why})")
+    print(f"Load it pinned: {result.ref}")
     print(result.url)
     return 0
 
@@ -185,7 +212,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from surgery.adapter import merge
 
-    out = merge(args.adapter, args.out)
+    out = merge(args.adapter, args.out, base=args.base, fingerprint=args.fingerprint)
     print(f"Merged {args.adapter} into {out} (timm: create_model('local-dir:{out}', pretrained=True))")
     return 0
 
@@ -193,7 +220,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from surgery.adapter import describe, load, predict
 
-    model = load(args.adapter)
+    model = load(args.adapter, base=args.base, fingerprint=args.fingerprint)
     print(describe(model.adapter_info))
     for line in predict(model, args.predict or [], top=args.top):
         print(line)

@@ -125,7 +125,7 @@ def _publish_timm(model: Any, folder: Path, repo: str, labels: list[str]) -> str
     """Write a timm-format folder (config.json + model.safetensors) and push it; returns the pinned reference."""
     import timm.models
 
-    from surgery.hub.client import push_folder
+    from surgery.adapter import push_folder
 
     shutil.rmtree(folder, ignore_errors=True)
     timm.models.save_for_hf(

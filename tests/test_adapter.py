@@ -6,6 +6,7 @@ training steps, real safetensors files. Nothing is mocked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from surgery.norms import FrozenBatchNorm1d, StatsFixed
 from surgery.recipe import load_recipe
 
 SIZE = {"test_resnet": 64, "test_vit": 32}
+BASE_DIR: list[Path] = []  # where the `bases` fixture wrote the checkpoints
 KWARGS: dict[str, dict[str, Any]] = {"test_resnet": {}, "test_vit": {"img_size": 32}}
 
 
@@ -33,6 +35,7 @@ KWARGS: dict[str, dict[str, Any]] = {"test_resnet": {}, "test_vit": {"img_size":
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A checkpoint per architecture: the 'pretrained' base the adapters are trained on."""
     root = tmp_path_factory.mktemp("bases")
+    BASE_DIR[:] = [root]
     out = {}
     for i, arch in enumerate(SIZE):
         torch.manual_seed(i)
@@ -75,6 +78,15 @@ def _train(recipe: dict, folder: Path | None = None, *, steps: int = 2, seed: in
     return model, the_plan, folder
 
 
+def _base(folder: Path) -> Path:
+    """The local checkpoint an adapter names (by file name only): what `surgery load --base` is given."""
+    return BASE_DIR[0] / read_info(folder)["base"]["checkpoint"]
+
+
+def _load(folder: Path) -> nn.Module:
+    return surgery.load(folder, base=_base(folder))
+
+
 def _probe(arch: str = "test_resnet") -> torch.Tensor:
     return torch.randn(3, 3, SIZE[arch], SIZE[arch], generator=torch.Generator().manual_seed(7))
 
@@ -109,7 +121,7 @@ def test_load_gives_identical_outputs(case: str, bases: dict[str, Path], tmp_pat
     arch, spec = CASES[case]
     model, the_plan, folder = _train(_recipe(bases[arch], arch, surgery_=spec), tmp_path / "ad")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter.safetensors", "surgery.json"]
-    loaded = surgery.load(folder)
+    loaded = _load(folder)
     assert not loaded.training
     assert torch.equal(_outputs(loaded, arch), _outputs(model, arch))
     assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in model.modules()]
@@ -146,7 +158,7 @@ def test_batchnorm_statistics_survive_the_round_trip(bases: dict[str, Path], tmp
     base = build_model(load_recipe(_recipe(bases["test_resnet"])).model)
     moved = model.layer2[0].bn1.running_mean
     assert not torch.equal(moved, base.layer2[0].bn1.running_mean)  # training really moved them
-    loaded = surgery.load(folder)
+    loaded = _load(folder)
     assert torch.equal(loaded.layer2[0].bn1.running_mean, moved)
     assert torch.equal(_outputs(loaded), _outputs(model))
 
@@ -156,9 +168,12 @@ def test_surgery_json_and_model_card(bases: dict[str, Path], tmp_path: Path) -> 
         _recipe(bases["test_resnet"]), tmp_path / "ad", class_names=["cat", "dog", "eel"], metrics={"val_acc": 0.75}
     )
     info = json.loads((folder / "surgery.json").read_text())
-    assert info["format"] == "timm-surgery-adapter" and info["format_version"] == 1
+    assert info["format"] == "timm-surgery-adapter" and info["format_version"] == 2
     assert info["base"]["model"] == "test_resnet"
-    assert info["base"]["checkpoint"] == str(bases["test_resnet"].resolve())
+    # the checkpoint by name and sha256, never by a path of this machine (not in the recipe copy either)
+    assert info["base"]["checkpoint"] == "test_resnet.safetensors"
+    assert info["base"]["checkpoint_sha256"] == hashlib.sha256(bases["test_resnet"].read_bytes()).hexdigest()
+    assert str(bases["test_resnet"].parent) not in (folder / "surgery.json").read_text()
     assert info["base"]["fingerprint"] == fingerprint(build_model(load_recipe(_recipe(bases["test_resnet"])).model))
     assert info["recipe"]["surgery"]["heads"]["classifier"]["num_classes"] == 3
     assert info["recipe"]["surgery"]["rules"] == [{"freeze": "*"}]
@@ -169,7 +184,7 @@ def test_surgery_json_and_model_card(bases: dict[str, Path], tmp_path: Path) -> 
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: timm" in card and "timm-surgery" in card
     assert "| val_acc | 0.75 |" in card and "surgery.load(" in card and "num_classes: 3" in card
-    loaded = surgery.load(folder)
+    loaded = _load(folder)
     assert loaded.pretrained_cfg["label_names"] == ["cat", "dog", "eel"]
     assert loaded.adapter_info["class_names"] == ["cat", "dog", "eel"]
 
@@ -235,20 +250,19 @@ def _rewrite(folder: Path, tensors: dict[str, torch.Tensor], *, relist: bool = F
         (folder / "surgery.json").write_text(json.dumps(info))
 
 
-def test_refuses_a_different_base(adapter: Path, bases: dict[str, Path]) -> None:
-    original = bases["test_resnet"].read_bytes()
+def test_refuses_a_different_base(adapter: Path, bases: dict[str, Path], tmp_path: Path) -> None:
     state = load_file(str(bases["test_resnet"]))
     state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"] * 1.001
-    try:
-        save_file(state, str(bases["test_resnet"]))
-        with pytest.raises(AdapterError, match=r"wrong base model: the rebuilt base test_resnet \+ checkpoint .*"):
-            surgery.load(adapter)
-    finally:
-        bases["test_resnet"].write_bytes(original)
+    other_file = tmp_path / "test_resnet.safetensors"
+    save_file(state, str(other_file))
+    with pytest.raises(AdapterError, match=r"wrong base model: .*test_resnet\.safetensors has sha256 .*original file"):
+        surgery.load(adapter, base=other_file)
     other = timm.create_model("test_resnet")
     with pytest.raises(AdapterError, match="wrong base model: the base model you passed is not the one"):
         surgery.load(adapter, base=other)
-    assert isinstance(surgery.load(adapter), nn.Module)  # the original base loads again
+    with pytest.raises(AdapterError, match=r"local checkpoint test_resnet\.safetensors, which is not here.*--base"):
+        surgery.load(adapter)
+    assert isinstance(_load(adapter), nn.Module)  # the original base loads again
 
 
 def test_refuses_a_missing_tensor(adapter: Path) -> None:
@@ -256,10 +270,10 @@ def test_refuses_a_missing_tensor(adapter: Path) -> None:
     del tensors["fc.bias"]
     _rewrite(adapter, tensors)
     with pytest.raises(AdapterError, match=r"missing tensor 'fc\.bias' \(listed in surgery\.json"):
-        surgery.load(adapter)
+        _load(adapter)
     _rewrite(adapter, tensors, relist=True)
     with pytest.raises(AdapterError, match=r"missing tensor 'fc\.bias' \(trainable; .*the recipe trains it"):
-        surgery.load(adapter)
+        _load(adapter)
 
 
 def test_refuses_an_extra_tensor(adapter: Path) -> None:
@@ -267,16 +281,16 @@ def test_refuses_an_extra_tensor(adapter: Path) -> None:
     tensors["layer1.0.conv1.weight"] = torch.zeros(24, 24, 3, 3)
     _rewrite(adapter, tensors)
     with pytest.raises(AdapterError, match=r"extra tensor 'layer1\.0\.conv1\.weight' not listed in surgery\.json"):
-        surgery.load(adapter)
+        _load(adapter)
     _rewrite(adapter, tensors, relist=True)
     with pytest.raises(AdapterError, match=r"extra tensor 'layer1\.0\.conv1\.weight': the recipe keeps it frozen"):
-        surgery.load(adapter)
+        _load(adapter)
     tensors = load_file(str(adapter / "adapter.safetensors"))
     tensors["not.a.tensor"] = torch.zeros(1)
     del tensors["layer1.0.conv1.weight"]
     _rewrite(adapter, tensors, relist=True)
     with pytest.raises(AdapterError, match=r"extra tensor 'not\.a\.tensor': the model built .* has no such tensor"):
-        surgery.load(adapter)
+        _load(adapter)
 
 
 def test_refuses_a_shape_mismatch(adapter: Path, bases: dict[str, Path], tmp_path: Path) -> None:
@@ -284,10 +298,10 @@ def test_refuses_a_shape_mismatch(adapter: Path, bases: dict[str, Path], tmp_pat
     _, _, other = _train(_recipe(bases["test_resnet"], surgery_=spec), tmp_path / "five")
     shutil.copy(other / "adapter.safetensors", adapter / "adapter.safetensors")  # the wrong file of a pair
     with pytest.raises(AdapterError, match=r"shape mismatch for 'fc\.(weight|bias)': float32\[5.*in the file"):
-        surgery.load(adapter)
+        _load(adapter)
     _rewrite(adapter, load_file(str(other / "adapter.safetensors")), relist=True)
     with pytest.raises(AdapterError, match=r"shape mismatch for 'fc\.(weight|bias)'.*another head size"):
-        surgery.load(adapter)
+        _load(adapter)
 
 
 def test_refuses_a_tampered_file(adapter: Path) -> None:
@@ -296,12 +310,12 @@ def test_refuses_a_tampered_file(adapter: Path) -> None:
     data[-1] ^= 0x01  # one bit of the last weight: header and shapes still fine
     path.write_bytes(bytes(data))
     with pytest.raises(AdapterError, match=r"sha256 differs .* tampered with or damaged"):
-        surgery.load(adapter)
+        _load(adapter)
     with pytest.raises(AdapterError, match="tampered"):
         verify_files(adapter)
     path.write_bytes(b"not safetensors at all")
     with pytest.raises(AdapterError, match="not a readable safetensors file"):
-        surgery.load(adapter)
+        _load(adapter)
 
 
 def test_refuses_what_is_not_an_adapter(tmp_path: Path) -> None:
@@ -331,7 +345,7 @@ def test_merge_loads_in_plain_timm_with_identical_outputs(case: str, bases: dict
     num = next(iter(heads.values()))["num_classes"] if heads else None
     names = [f"class{i}" for i in range(num)] if num else None
     model, _, folder = _train(_recipe(bases[arch], arch, surgery_=spec), tmp_path / "ad", class_names=names)
-    out = merge(folder, tmp_path / "merged")
+    out = merge(folder, tmp_path / "merged", base=_base(folder))
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == arch
@@ -350,7 +364,7 @@ def test_merge_loads_in_plain_timm_with_identical_outputs(case: str, bases: dict
 def test_merge_refuses_an_mlp_head(bases: dict[str, Path], tmp_path: Path) -> None:
     _, _, folder = _train(_recipe(bases["test_vit"], "test_vit", surgery_=CASES["vit-mlp-head"][1]), tmp_path / "ad")
     with pytest.raises(AdapterError, match=r"heads\.classifier is an mlp head .*timm .*cannot express it"):
-        merge(folder, tmp_path / "merged")
+        merge(folder, tmp_path / "merged", base=_base(folder))
     assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
 
 
@@ -359,7 +373,7 @@ def test_merge_refuses_a_head_that_is_not_the_classifier(bases: dict[str, Path],
     spec = {"rules": [{"freeze": "*"}], "heads": {"blocks.1.mlp.fc2": {"num_classes": width}}}
     _, _, folder = _train(_recipe(bases["test_vit"], "test_vit", surgery_=spec), tmp_path / "ad")
     with pytest.raises(AdapterError, match=r"replaces 'blocks\.1\.mlp\.fc2', which is not timm's classifier \(head\)"):
-        merge(folder, tmp_path / "merged")
+        merge(folder, tmp_path / "merged", base=_base(folder))
 
 
 def test_plain_norms_restores_batchnorm_with_identical_eval_outputs(bases: dict[str, Path]) -> None:
@@ -419,13 +433,15 @@ def test_cli_merge_and_load(adapter: Path, tmp_path: Path, capsys: pytest.Captur
 
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
-    assert main(["load", str(adapter), "--predict", str(image), "--top", "2"]) == 0
+    assert main(["load", str(adapter), "--base", str(_base(adapter)), "--predict", str(image), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "Adapter verified: base test_resnet" in out and f"{image}: " in out and out.count("(0.") >= 2
-    assert main(["merge", str(adapter), str(tmp_path / "m")]) == 0
+    assert main(["merge", str(adapter), str(tmp_path / "m"), "--base", str(_base(adapter))]) == 0
     assert "local-dir:" in capsys.readouterr().out
+    assert main(["load", str(adapter)]) == 2  # the base checkpoint is not given
+    assert "--base" in capsys.readouterr().err
     (adapter / "adapter.safetensors").write_bytes(b"junk")
-    assert main(["load", str(adapter)]) == 2
+    assert main(["load", str(adapter), "--base", str(_base(adapter))]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("surgery: error:") and "adapter.safetensors" in err and len(err.splitlines()) == 1
 
@@ -453,16 +469,156 @@ def test_surgery_train_writes_an_adapter_that_reloads_identically(
     assert ("layer4.0.conv1.weight" in saved) is staged and "fc.weight" in saved and "conv1.0.weight" not in saved
     info = read_info(tmp_path / "out")
     assert info["class_names"] == ["class_0", "class_1", "class_2"] and "val_top1" in info["metrics"]
-    loaded = surgery.load(tmp_path / "out")
+    assert str(data) not in (tmp_path / "out" / "surgery.json").read_text()  # no path of this machine
+    assert info["data_config"]["input_size"] == [3, 32, 32]  # C-adapter-save: the trainer passes its data config
+    assert "history" not in info["metrics"] and "steps" not in info["metrics"]
+    loaded = _load(tmp_path / "out")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model.eval()(x))
 
 
-def test_the_train_hook_skips_a_base_that_cannot_be_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from surgery.adapter import save_outputs
+# ------------------------------------------------------------------------------------------------ data config
 
-    model, the_plan, _ = _train({"model": {"name": "test_resnet"}, "surgery": CASES["linear-probe"][1]})
-    assert save_outputs(model, the_plan, tmp_path) is None
-    assert "no adapter written: the base model has random weights" in capsys.readouterr().err
-    assert not (tmp_path / "adapter.safetensors").exists()
+
+def test_the_training_input_size_travels_to_load_merge_card_and_predict(bases: dict[str, Path], tmp_path: Path) -> None:
+    from timm.data import resolve_data_config
+
+    from surgery.adapter import predict
+
+    assert resolve_data_config({}, model=timm.create_model("test_resnet"))["input_size"] == (3, 160, 160)
+    data_config = {
+        "input_size": (3, 32, 32),
+        "interpolation": "bilinear",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    model, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad", data_config=data_config)
+    assert read_info(folder)["data_config"]["input_size"] == [3, 32, 32]
+    loaded = _load(folder)
+    resolved = resolve_data_config({}, model=loaded)
+    assert resolved["input_size"] == (3, 32, 32) and resolved["interpolation"] == "bilinear"
+    assert tuple(resolved["mean"]) == (0.5, 0.5, 0.5) and resolved["crop_pct"] == 1.0
+    card = (folder / "README.md").read_text()
+    assert "Input size: 32x32" in card and "bilinear" in card
+
+    out = merge(folder, tmp_path / "merged", base=_base(folder))
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    merged = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert resolve_data_config({}, model=merged)["input_size"] == (3, 32, 32)
+    assert "Input size: 32x32" in (out / "README.md").read_text()
+
+    # predict uses the training transform: a 32x32 input gives the same answer as the model on that tensor
+    from PIL import Image
+    from timm.data import create_transform
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (50, 40), (20, 200, 30)).save(image)
+    x = create_transform(**data_config)(Image.open(image).convert("RGB")).unsqueeze(0)
+    assert x.shape[-1] == 32
+    with torch.no_grad():
+        best = int(loaded(x).argmax())
+    assert predict(loaded, [image], top=1)[0].startswith(f"{image}: {best} (")
+
+
+def test_bad_data_config_is_refused_at_save(bases: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(AdapterError, match=r"data_config\.input_size\.1: Input should be greater"):
+        _train(_recipe(bases["test_resnet"]), tmp_path / "ad", data_config={"input_size": (3, -1, 32)})
+
+
+def test_only_meaningful_metrics_are_kept(bases: dict[str, Path], tmp_path: Path) -> None:
+    metrics = {
+        "val_top1": 0.5,
+        "val_loss": 1.25,
+        "history": [{"epoch": 1}],
+        "ema_val_top1": None,
+        "steps": 12,
+        "epochs": 2,
+        "images_per_s": 99.0,
+        "feature_cache": True,
+        "class_names": ["a"],
+        "nan": float("nan"),
+    }
+    _, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad", metrics=metrics)
+    assert read_info(folder)["metrics"] == {"val_top1": 0.5, "val_loss": 1.25}
+    section = (folder / "README.md").read_text().split("## Metrics")[1].split("## Recipe")[0]
+    assert section.strip().splitlines() == [
+        "| metric | value |",
+        "|---|---|",
+        "| val_top1 | 0.5 |",
+        "| val_loss | 1.25 |",
+    ]
+
+
+# ------------------------------------------------------------------------------------------- base provenance
+
+
+def test_a_local_checkpoint_base_warns_and_is_not_recorded_as_a_path(bases: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"local checkpoint test_resnet\.safetensors .*--base"):
+        _, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad")
+    text = (folder / "surgery.json").read_text() + (folder / "README.md").read_text()
+    assert str(BASE_DIR[0]) not in text
+    assert "sha256" in (folder / "README.md").read_text()
+
+
+def test_a_trusted_fingerprint_refuses_a_swapped_base(bases: dict[str, Path], tmp_path: Path) -> None:
+    # Someone swaps the base (another checkpoint) and rewrites the recorded fingerprint and sha256 to match: the
+    # adapter's own files agree, so only a fingerprint the user trusts (or the base in hand) catches it.
+    _, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad")
+    trusted = fingerprint(build_model(load_recipe(_recipe(bases["test_resnet"])).model))
+    torch.manual_seed(99)
+    swapped = timm.create_model("test_resnet")
+    swapped_file = tmp_path / "swapped" / "test_resnet.safetensors"
+    swapped_file.parent.mkdir()
+    save_file(swapped.state_dict(), str(swapped_file))
+    info = json.loads((folder / "surgery.json").read_text())
+    info["base"]["fingerprint"] = fingerprint(swapped)
+    info["base"]["checkpoint_sha256"] = hashlib.sha256(swapped_file.read_bytes()).hexdigest()
+    (folder / "surgery.json").write_text(json.dumps(info))
+    assert isinstance(surgery.load(folder, base=swapped_file), nn.Module)  # self-consistent: loads
+    with pytest.raises(AdapterError, match=r"wrong base model: .*not the one whose fingerprint you trust"):
+        surgery.load(folder, base=swapped_file, fingerprint=trusted)
+    assert main(["load", str(folder), "--base", str(swapped_file), "--fingerprint", trusted]) == 2
+    with pytest.raises(AdapterError, match="wrong base model: the base model you passed is not the one"):
+        surgery.load(folder, base=build_model(load_recipe(_recipe(bases["test_resnet"])).model))
+
+
+def test_load_and_save_replay_stages_through_plan_stages(
+    bases: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import surgery.stages
+
+    _, _, folder = _train(_recipe(bases["test_resnet"]), tmp_path / "ad")
+    calls = []
+    real = surgery.stages.plan_stages
+
+    def spy(model: nn.Module, recipe: Any) -> Any:
+        calls.append(recipe)
+        return real(model, recipe)
+
+    monkeypatch.setattr(surgery.stages, "plan_stages", spy)
+    _load(folder)
+    assert len(calls) == 2  # the one replay: a dry run on the meta device, then on the base
+    merge(folder, tmp_path / "m", base=_base(folder))
+    assert len(calls) == 4
+
+
+def test_a_staged_adapter_saved_from_a_fingerprint_reloads_identically(bases: dict[str, Path], tmp_path: Path) -> None:
+    # What the trainer does (C-adapter-save): fingerprint at step 0, stages through plan_stage, save_adapter at the end.
+    from surgery.stages import plan_stages
+
+    recipe = _recipe(bases["test_resnet"], surgery_={"rules": [{"freeze": "*"}], "heads": {"fc": {"num_classes": 3}}})
+    recipe["train"] = {"stages": [{"epochs": 1}, {"epochs": 1, "rules": [{"unfreeze": "layer4"}]}]}
+    loaded_recipe = load_recipe(recipe)
+    model = build_model(loaded_recipe.model)
+    base = fingerprint(model)
+    plans = [p for _, p in plan_stages(model, loaded_recipe)]
+    with torch.no_grad():  # "training": what either stage trains changes
+        model.fc.weight.add_(1.0)
+        model.layer4[0].conv1.weight.mul_(1.5)
+    save_adapter(model.eval(), plans[-1], tmp_path / "ad", base=base, recipe=loaded_recipe)
+    saved = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
+    assert "layer4.0.conv1.weight" in saved and "fc.weight" in saved and "conv1.0.weight" not in saved
+    assert torch.equal(_outputs(_load(tmp_path / "ad")), _outputs(model))

@@ -1,4 +1,5 @@
-"""Hub client: push a folder as one commit, download adapters and base models, resolve revisions.
+"""Hub client: push files as one commit, download snapshots, resolve revisions. It knows nothing of adapters
+(``surgery.adapter`` decides what to push and verifies it; this module only moves files).
 
 Everything goes through the real ``huggingface_hub`` client, so any server speaking the Hugging Face Hub API works:
 huggingface.co or the project's own ``surgery.hub.server``. Configuration is what Hugging Face users already know:
@@ -16,10 +17,8 @@ files again is harmless: ``huggingface_hub`` skips a commit that changes nothing
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import glob
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,31 +30,17 @@ from surgery.errors import HubError
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-    from surgery.schema import HubSpec
-
 HF_HUB = "hf-hub:"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-# Never uploaded: hidden files, caches and pickle formats (weights are only ever safetensors).
-DEFAULT_IGNORE = (".*", "**/.*", "__pycache__/*", "**/__pycache__/*", "*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt")
-# What `surgery train` pushes from its output folder: the adapter and the small records of the run, not the full
-# weights (the adapter reproduces them), checkpoints or logs.
-TRAIN_OUTPUTS = (
-    "adapter.safetensors",
-    "surgery.json",
-    "README.md",
-    "recipe.yaml",
-    "plan.json",
-    "classes.json",
-    "metrics.json",
-    "metrics.jsonl",
-    "learning_curve.png",
-)
+# Pickle formats: never uploaded (loading them can run code); weights are only ever safetensors.
+PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"})
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PushResult:
-    """What a push made: the commit (``sha``, ``url``) on ``repo_id`` at ``revision``."""
+    """What a push made: the commit (``sha``, ``url``) on ``repo_id`` at ``revision``, the files pushed (``paths``)."""
 
     repo_id: str
     revision: str
@@ -63,6 +48,8 @@ class PushResult:
     url: str
     files: int
     bytes: int
+    paths: tuple[str, ...] = ()
+    left_out: tuple[tuple[str, str], ...] = ()  # (file, why) the caller chose not to push
 
     @property
     def ref(self) -> str:
@@ -192,9 +179,8 @@ def _with_retries(fn: Callable[[], T], *, what: str, repo_id: str, token: str | 
         except Exception as err:  # noqa: BLE001 - every client failure becomes a HubError below
             if attempt < retries and is_transient(err):
                 delay = 2.0**attempt
-                print(
-                    _scrub(f"{what}: {type(err).__name__} ({_first_line(err)}); retrying in {delay:.0f}s", token),
-                    file=sys.stderr,
+                log.warning(
+                    "%s", _scrub(f"{what}: {type(err).__name__} ({_first_line(err)}); retrying in {delay:.0f}s", token)
                 )
                 time.sleep(delay)
                 continue
@@ -266,59 +252,45 @@ def download(
 # ------------------------------------------------------------------------------------------------------- writes
 
 
-def _files(folder: Path, ignore: Sequence[str], only: Sequence[str] | None) -> list[Path]:
-    out = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if only is not None and not any(fnmatch.fnmatchcase(rel.as_posix(), p) for p in only):
-            continue
-        if path.is_file() and not any(rel.match(p) or rel.as_posix() == p for p in ignore):
-            if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
-                continue
-            out.append(path)
-    return out
-
-
-def push_folder(
+def push_files(
     folder: str | Path,
     repo_id: str,
+    files: Sequence[str],
     *,
     private: bool = False,
     revision: str | None = None,
     message: str | None = None,
     token: str | None = None,
-    ignore: Sequence[str] = DEFAULT_IGNORE,
-    only: Sequence[str] | None = None,
     progress: bool = True,
     retries: int = 3,
 ) -> PushResult:
-    """Upload every file of ``folder`` to ``repo_id`` (created if missing) as one commit; returns the commit.
+    """Upload ``files`` (paths relative to ``folder``) to ``repo_id`` (created if missing) as one commit.
 
-    ``revision`` is a branch, created from ``main`` if missing. An adapter folder (one with ``surgery.json``) is
-    verified first, so a tampered adapter is never pushed. Hidden files and pickle formats are never uploaded;
-    ``only`` (glob patterns) restricts the upload further.
+    The caller decides which files (``surgery.adapter.push`` picks an adapter's set); this is the one filter: exactly
+    these files become the commit's operations. ``revision`` is a branch, created from ``main`` if missing. A pickle
+    file is refused whoever asks. Pushing the same files again makes no commit (``huggingface_hub`` skips no-ops).
     """
+    from huggingface_hub import CommitOperationAdd
+
     folder = Path(folder)
     repo_id, pinned = parse_ref(repo_id)
     if pinned:
         raise HubError(f"{repo_id}@{pinned}: push to a branch with --revision {pinned}, not @{pinned}")
-    if not folder.is_dir():
-        raise HubError(f"push: {folder} is not a folder; give the output folder of `surgery train` or `surgery merge`")
-    if (folder / "surgery.json").is_file():
-        from surgery.adapter import verify_files
-
-        verify_files(folder)
-    files = _files(folder, ignore, only)
     if not files:
-        raise HubError(f"push: {folder} has no files to upload")
-    size = sum(p.stat().st_size for p in files)
+        raise HubError(f"push: no files to upload from {folder}")
+    paths = []
+    for rel in files:
+        path = folder / rel
+        if not path.is_file() or path.is_symlink() or ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise HubError(f"push: {rel} is not a regular file inside {folder}")
+        if path.suffix in PICKLE_SUFFIXES:
+            raise HubError(f"push: {rel} is a pickle file; pickle can run code when loaded and is never pushed")
+        paths.append(path)
+    size = sum(p.stat().st_size for p in paths)
     branch = revision or "main"
     api = _api(token)
-    if progress:
-        print(
-            f"Pushing {len(files)} file(s), {size / 1e6:.1f} MB, from {folder} to {endpoint()}/{repo_id} ({branch})",
-            file=sys.stderr,
-        )
+    log.info("pushing %d file(s), %.1f MB, from %s to %s/%s (%s)", len(paths), size / 1e6, folder, endpoint(), repo_id,
+             branch)  # fmt: skip
 
     def create() -> None:
         # Only create what is missing: huggingface_hub's create_repo(exist_ok=True) answers a 403 on an existing repo
@@ -331,43 +303,15 @@ def push_folder(
     _with_retries(create, what=f"creating {repo_id}", repo_id=repo_id, token=token, retries=retries)
 
     def upload() -> Any:
+        operations = [CommitOperationAdd(path_in_repo=str(rel), path_or_fileobj=str(folder / rel)) for rel in files]
         with _progress(progress):
-            return api.upload_folder(
+            return api.create_commit(
                 repo_id=repo_id,
-                folder_path=folder,
+                operations=operations,
                 revision=revision,
                 commit_message=message or f"Upload {folder.name} with timm-surgery",
-                allow_patterns=[glob.escape(p.relative_to(folder).as_posix()) for p in files],
             )
 
     info = _with_retries(upload, what=f"pushing to {repo_id}", repo_id=repo_id, token=token, retries=retries)
-    sha = info.oid
-    result = PushResult(repo_id, branch, sha, info.commit_url, len(files), size)
-    if progress:
-        print(f"Pushed {repo_id}@{sha[:12]} ({branch}): {info.commit_url}", file=sys.stderr)
-    return result
-
-
-def push_from_recipe(
-    folder: str | Path, spec: HubSpec, *, token: str | None = None, progress: bool = True
-) -> PushResult | None:
-    """Push ``folder`` as a recipe's ``hub:`` section says; ``None`` when it names no repo. For `surgery train`
-    (main process only): from an adapter folder only the adapter and the run's small records (:data:`TRAIN_OUTPUTS`).
-    """
-    if not spec.repo:
-        return None
-    only = TRAIN_OUTPUTS if (Path(folder) / "surgery.json").is_file() else None
-    return push_folder(
-        folder,
-        spec.repo,
-        private=spec.private,
-        revision=spec.revision,
-        message=spec.message,
-        token=token,
-        only=only,
-        progress=progress,
-    )
-
-
-push = push_folder
-"""Alias of :func:`push_folder` (``surgery.push(folder, "org/name")``)."""
+    log.info("pushed %s@%s (%s): %s", repo_id, info.oid[:12], branch, info.commit_url)
+    return PushResult(repo_id, branch, info.oid, info.commit_url, len(paths), size, tuple(str(f) for f in files))

@@ -1,0 +1,291 @@
+"""Loading an adapter: verify its files, build (or take) the base, check the fingerprint, replay the stages, load the
+tensors strictly. Nothing in the folder is trusted before it is checked (see docs/security.md)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.adapter.base import build_base
+from surgery.adapter.format import (
+    ADAPTER_FILE,
+    CARD_FILE,
+    CONFIG_FILE,
+    FINGERPRINT,
+    HF_HUB,
+    AdapterConfig,
+    check_tensors,
+    dtype_name,
+    is_commit,
+    read_config,
+    read_header,
+)
+from surgery.adapter.format import fingerprint as fingerprint_of
+from surgery.adapter.save import expected_tensors, replay
+from surgery.errors import AdapterError, SurgeryError
+from surgery.io import sha256_file
+from surgery.plan import Plan
+
+log = logging.getLogger(__name__)
+
+AdapterInfo = dict[str, Any]
+"""The parsed ``surgery.json`` as plain data (``AdapterConfig.to_dict()``), plus ``source`` after a load."""
+
+BaseLike = nn.Module | str | Path | None
+"""What ``load(..., base=)`` takes: a model, a timm name, an ``hf-hub:`` reference or a ``.safetensors`` checkpoint
+file of the base."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an adapter was read from: a local folder, or a hub repo at the commit it resolved to."""
+
+    folder: Path
+    ref: str
+    revision: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"ref", "revision"}``."""
+        return {"ref": self.ref, "revision": self.revision}
+
+
+def resolve(ref: str | Path, *, token: str | None = None) -> Source:
+    """A local adapter folder, or the snapshot of ``hf-hub:org/name[@revision]`` (adapter files only), with the commit
+    it resolved to. A full commit sha in the reference is the integrity anchor: the snapshot must be that commit."""
+    from surgery.hub import client as hub
+
+    text = str(ref)
+    if text.startswith(HF_HUB):
+        _, pinned = hub.parse_ref(text)
+        folder = hub.download(text, allow_patterns=[ADAPTER_FILE, CONFIG_FILE, CARD_FILE], token=token)
+        revision = folder.name if is_commit(folder.name) else None  # huggingface_hub names snapshots by commit
+        if is_commit(pinned) and revision != pinned:
+            raise AdapterError(f"{text}: the hub served commit {revision}, not the pinned {pinned}; refused")
+        return Source(folder, text, revision)
+    folder = Path(text)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: no such adapter folder; give a folder or hf-hub:ORG/NAME[@revision]")
+    return Source(folder, text)
+
+
+def read_info(ref: str | Path, *, token: str | None = None) -> AdapterInfo:
+    """The validated ``surgery.json`` of an adapter folder or ``hf-hub:`` reference, as plain data."""
+    return read_config(resolve(ref, token=token).folder).to_dict()
+
+
+def _verify(folder: Path) -> tuple[AdapterConfig, dict[str, tuple[list[int], str]]]:
+    config = read_config(folder)
+    path = folder / ADAPTER_FILE
+    header = read_header(path)
+    listed = {n: (t.shape, t.dtype) for n, t in config.tensors.items()}
+    check_tensors(
+        path,
+        header,
+        listed,
+        {n: f"listed in {CONFIG_FILE}; the file is incomplete: save or download the adapter again" for n in listed},
+        extra=lambda n: f" not listed in {CONFIG_FILE}; the file was changed after saving: save or download it again",
+        mismatch=f"in {CONFIG_FILE}; the file comes from another adapter: use the matching pair",
+    )
+    if sha256_file(path) != config.adapter_sha256:
+        raise AdapterError(
+            f"{path}: sha256 differs from the one recorded in {CONFIG_FILE}: the file was tampered with or damaged; "
+            "save or download the adapter again"
+        )
+    return config, header
+
+
+def verify_files(ref: str | Path, *, token: str | None = None) -> AdapterInfo:
+    """Check an adapter's files against each other, without building a model: ``surgery.json`` is valid, the tensors
+    it lists are those in ``adapter.safetensors`` (names, shapes, dtypes) and the file's sha256 is the recorded one.
+
+    This detects damage and edits of one file; it cannot detect an uploader who changed both (see docs/security.md).
+    """
+    return _verify(resolve(ref, token=token).folder)[0].to_dict()
+
+
+# -------------------------------------------------------------------------------------------------------- load
+
+
+def _where(config: AdapterConfig) -> str:
+    base = config.base
+    where = f"{base.model}" + (f"@{base.revision[:12]}" if base.revision else "")
+    return where + (f" + checkpoint {base.checkpoint}" if base.checkpoint else "")
+
+
+def _wrong_base(config: AdapterConfig, got: str, want: str, *, supplied: str) -> AdapterError:
+    base = config.base
+    if supplied == "model":
+        why = "the base model you passed is not the one the adapter was trained on"
+        fix = "pass the original base model, or load without base= to rebuild it from surgery.json"
+    elif supplied == "fingerprint":
+        why = "the base is not the one whose fingerprint you trust (fingerprint=...)"
+        fix = "the adapter was made on another base, or surgery.json was edited: do not use it"
+    elif not base.reproducible:
+        why = (
+            f"the base {_where(config)} has random weights (pretrained: false, no checkpoint), so it cannot be rebuilt"
+        )
+        fix = "pass the original base model: surgery.load(ref, base=model)"
+    else:
+        why = f"the rebuilt base {_where(config)} is not the one the adapter was trained on"
+        fix = "restore the original checkpoint/revision, or pass the original base with base= (--base)"
+    return AdapterError(f"wrong base model: {why} (fingerprint {got[:19]}... != {want[:19]}...); {fix}")
+
+
+def _base_from(config: AdapterConfig, base: BaseLike, *, token: str | None, where: str) -> tuple[nn.Module, str]:
+    """The base model and how it was supplied ("model", "fingerprint", "reference" or "recorded")."""
+    if isinstance(base, nn.Module):
+        return copy.deepcopy(base), "model"
+    if base is not None:
+        text = str(base)
+        recorded = config.base.model_dump()
+        if text.endswith(".safetensors") or Path(text).is_file():  # the local checkpoint the adapter names
+            if recorded.get("model") is None:
+                raise AdapterError(f"{where}: the base architecture is not recorded; pass the model: base=model")
+            return build_base(recorded, checkpoint=Path(text).expanduser().resolve(), token=token, where=where), (
+                "reference"
+            )
+        # another reference to the base: a timm name or hf-hub:, with the recorded architecture arguments
+        ref = {**recorded, "model": text, "revision": None, "checkpoint": None, "checkpoint_sha256": None}
+        ref["pretrained"] = recorded.get("pretrained") or text.startswith(HF_HUB)
+        return build_base(ref, token=token, where="--base"), "reference"
+    if config.base.model is None:
+        raise AdapterError(f"{where}: the base model is not recorded; pass it: load(ref, base=model)")
+    return build_base(config.base.model_dump(), token=token, where=where), "recorded"
+
+
+def apply_data_config(model: nn.Module, config: AdapterConfig) -> None:
+    """Keep timm's ``pretrained_cfg`` truthful: the new classes and the data config training used, so that
+    ``timm.data.resolve_data_config(model=model)`` gives the training input size and preprocessing."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict):
+        return
+    cfg = dict(cfg)
+    if config.num_classes is not None:
+        if cfg.get("num_classes") != config.num_classes:
+            for key in ("label_names", "label_descriptions", "label_offset"):
+                cfg.pop(key, None)
+        cfg["num_classes"] = config.num_classes
+    if config.class_names:
+        cfg["label_names"] = list(config.class_names)
+    if config.data_config is not None:
+        data = config.data_config.to_timm()
+        cfg.update(data)
+        if tuple(data["input_size"]) != tuple(cfg.get("test_input_size") or data["input_size"]):
+            cfg.pop("test_input_size", None)  # the size trained at wins over the source's test-time advice
+        cfg.pop("test_crop_pct", None)
+    model.pretrained_cfg = cfg
+
+
+@dataclass
+class Loaded:
+    """What loading produces: the model, stage 0's plan, the config, the base state before surgery, the source."""
+
+    model: nn.Module
+    plan: Plan
+    config: AdapterConfig
+    base_state: dict[str, torch.Tensor]
+    source: Source
+
+
+def _replay_checked(model: nn.Module, recipe: Any, *, where: str) -> list[Plan]:
+    try:
+        return replay(model, recipe)
+    except SurgeryError as err:
+        raise AdapterError(f"{where}: the recipe does not apply to its base: {err}") from None
+
+
+def _check_layout(path: Path, header: dict[str, tuple[list[int], str]], model: nn.Module, plans: list[Plan]) -> None:
+    """The one tensor check against what the recipe makes of the base: required, allowed, shapes and dtypes."""
+    required, optional = expected_tensors(model, plans)
+    state = model.state_dict()
+    allowed = {n: (list(t.shape), dtype_name(t)) for n, t in state.items() if n in required or n in optional}
+
+    def extra(name: str) -> str:
+        if name not in state:
+            return f": the model built from {CONFIG_FILE} has no such tensor; the adapter belongs to another model"
+        return ": the recipe keeps it frozen, so an adapter never changes it; the adapter was saved from another recipe"
+
+    check_tensors(
+        path,
+        header,
+        allowed,
+        {n: f"{kind}; the recipe trains it but the adapter lacks it" for n, kind in required.items()},
+        extra=extra,
+        mismatch="in the model; the adapter was trained with another head size or model",
+    )
+
+
+def load_folder(
+    source: Source, *, base: BaseLike = None, fingerprint: str | None = None, token: str | None = None
+) -> Loaded:
+    """Load a resolved adapter (see :func:`load`)."""
+    from safetensors.torch import load_file
+
+    from surgery.recipe import load_recipe
+
+    folder = source.folder
+    config, header = _verify(folder)
+    where = str(folder / CONFIG_FILE)
+    try:
+        recipe = load_recipe(config.recipe)
+    except SurgeryError as err:
+        raise AdapterError(f"{where}: recipe: {err}") from None
+    if fingerprint is not None and re.fullmatch(FINGERPRINT, fingerprint) is None:
+        raise AdapterError(f"fingerprint={fingerprint[:20]!r}: expected 'sha256:' and 64 hex digits")
+    model, supplied = _base_from(config, base, token=token, where=where)
+    got = fingerprint_of(model)
+    if fingerprint is not None and got != fingerprint:  # the anchor the user trusts, checked first
+        raise _wrong_base(config, got, fingerprint, supplied="fingerprint")
+    if got != config.base.fingerprint:
+        raise _wrong_base(config, got, config.base.fingerprint, supplied=supplied)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    # A dry run on a meta-device copy first: the tensors the recipe would create (say, a hostile head of a billion
+    # classes) are checked against the file's header, which was checked against the file size, before any allocation.
+    layout = copy.deepcopy(model).to("meta")
+    _check_layout(folder / ADAPTER_FILE, header, layout, _replay_checked(layout, recipe, where=where))
+    plans = _replay_checked(model, recipe, where=where)
+    path = folder / ADAPTER_FILE
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - the header was checked; anything left is damage
+        raise AdapterError(f"{path}: not a readable safetensors file ({type(err).__name__})") from None
+    model.load_state_dict(tensors, strict=False)
+    model.eval()
+    apply_data_config(model, config)
+    info = config.to_dict()
+    info["source"] = source.to_dict()
+    model.adapter_info = info  # type: ignore[assignment] - provenance for callers (surgery.json + where it came from)
+    return Loaded(model, plans[0], config, base_state, source)
+
+
+def load(
+    ref: str | Path, *, base: BaseLike = None, fingerprint: str | None = None, token: str | None = None
+) -> nn.Module:
+    """The trained model of an adapter (folder or ``hf-hub:org/name[@revision]``), in eval mode.
+
+    Builds the base from ``surgery.json`` (only through :func:`surgery.models.build_model`), or takes ``base``: a model
+    (a copy is used) or a reference (timm name, ``hf-hub:``, a ``.safetensors`` checkpoint file of the recorded
+    architecture). Its fingerprint must be the recorded one and, when given, ``fingerprint`` (a ``"sha256:..."`` you
+    trust, e.g. from :func:`surgery.adapter.fingerprint` of your own base): the recorded one is the uploader's word,
+    yours is not. Then applies the
+    recipe's stages (heads, norm conversions) and loads ``adapter.safetensors`` strictly: outputs equal the trained
+    model's. A wrong base, a missing or extra tensor, a shape mismatch or a tampered file raises
+    :class:`AdapterError`. ``model.adapter_info`` holds ``surgery.json`` and ``source`` (the ref and the commit a hub
+    ref resolved to: pin it as ``hf-hub:org/name@<sha>``). ``model.pretrained_cfg`` carries the training data config.
+    """
+    return load_folder(resolve(ref, token=token), base=base, fingerprint=fingerprint, token=token).model
+
+
+def data_config_of(model: nn.Module) -> Mapping[str, Any]:
+    """timm's resolved data config for ``model`` (its ``pretrained_cfg``, which :func:`load` sets from training)."""
+    from timm.data import resolve_data_config
+
+    return resolve_data_config({}, model=model)
