@@ -292,3 +292,23 @@ def test_read_predictions_rejects_other_csv(tmp_path) -> None:
     (tmp_path / "x.csv").write_text("path,label\na.png,cat\n", encoding="utf-8")
     with pytest.raises(DataError, match="not a predictions file"):
         read_predictions_csv(tmp_path / "x.csv")
+
+
+def test_after_gather_for_metrics_and_as_json() -> None:
+    """The trainer's path: Accelerate's gather_for_metrics output (uneven last batch) fed as it comes."""
+    import json
+
+    from accelerate import Accelerator
+
+    logits, y = _random(23, 7, seed=8)
+    dataset = torch.utils.data.TensorDataset(logits, y)
+    accelerator = Accelerator()  # same settings as the trainer on one process, so the shared state agrees
+    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=5))
+    acc = MetricsAccumulator(class_names=[f"c{i}" for i in range(7)])
+    for batch_logits, batch_y in loader:
+        acc.update(*accelerator.gather_for_metrics((batch_logits, batch_y)))
+    ref = MetricsAccumulator(num_classes=7)
+    ref.update(logits, y)
+    assert acc.compute().confusion == ref.compute().confusion and acc.compute().num_samples == 23
+    data = json.loads(json.dumps(acc.compute().to_dict()))
+    assert data["class_names"][6] == "c6" and data["top5"] == pytest.approx(ref.compute().top5)
