@@ -1,0 +1,296 @@
+"""surgery.labels: labels CSV files, their one-line errors, class order, and the dataset over them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from surgery.errors import DataError
+from surgery.labels import LabelsDataset, LabelsFile, read_labels_csv
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A CSV folder with imgs/a.png .. imgs/d.png (different sizes and colours) and one image outside it."""
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    for i, stem in enumerate("abcd"):
+        Image.new("RGB", (8 + i, 6 + i), (40 * i, 10, 200)).save(tmp_path / "data" / "imgs" / f"{stem}.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "outside.png")
+    return tmp_path / "data"
+
+
+def _write(folder: Path, content: str | bytes, name: str = "labels.csv") -> Path:
+    path = folder / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+GOOD = "imgs/a.png,cat\nimgs/b.png,dog\n"
+
+# (id, file content, read_labels_csv kwargs, expected message after "<file>")
+MALFORMED = [
+    ("empty", "", {}, ": file is empty; write a header line such as 'path,label' and one row per image"),
+    (
+        "blank-lines-only",
+        "\n \n",
+        {},
+        ": file is empty; write a header line such as 'path,label' and one row per image",
+    ),
+    ("binary", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", {}, ": binary data (a NUL byte), not a CSV text file;"),
+    ("latin-1", "path,label\nimgs/a.png,café\n".encode("latin-1"), {}, ":2: not UTF-8 text (byte 0xe9); save the"),
+    (
+        "no-header",
+        GOOD,
+        {},
+        ":1: the header has no 'path' column (found 'imgs/a.png', 'cat'); the first line must name the columns, "
+        "e.g. 'path,label'",
+    ),
+    ("no-label-column", "path,class\n" + GOOD, {}, ":1: the header has no 'label' column (found 'path', 'class');"),
+    ("duplicate-column", "path,path,label\n", {}, ":1: column 'path' appears twice in the header; rename one of them"),
+    ("header-only", "path,label\n\n", {}, ": no rows after the header; add one line per image: path,label"),
+    (
+        "extra-field",
+        "path,label\nimgs/a.png,cat\nimgs/b,x.png,dog\n",
+        {},
+        ":3: 3 fields, but the header has 2 columns; quote a path that holds a comma",
+    ),
+    (
+        "unclosed-quote",
+        'path,label\n"imgs/a.png,cat\n',
+        {},
+        ":2: malformed CSV (unexpected end of data); check the quotes on this line",
+    ),
+    ("empty-label", "path,label\nimgs/a.png, \n", {}, ":2: empty 'label' for 'imgs/a.png'; give every image a label"),
+    ("empty-path", "path,label\n,cat\n", {}, ":2: empty path; give each image's path relative to the CSV's folder"),
+    (
+        "absolute-path",
+        "path,label\n{outside},cat\n",
+        {},
+        ":2: absolute path '{outside}' is not allowed; write it relative to the CSV's folder "
+        "(or allow outside paths for a labels file you trust)",
+    ),
+    ("windows-absolute", "path,label\nC:\\imgs\\a.png,cat\n", {}, ":2: absolute path 'C:\\imgs\\a.png' is not allowed"),
+    ("dot-dot", "path,label\nimgs/a.png,cat\n../outside.png,dog\n", {}, ":3: path '../outside.png' leaves the CSV's"),
+    ("dot-dot-inside", "path,label\nimgs/../../outside.png,dog\n", {}, ":2: path 'imgs/../../outside.png' leaves"),
+    (
+        "duplicate-row",
+        "path,label\nimgs/a.png,cat\nimgs/b.png,dog\n./imgs//a.png,dog\n",
+        {},
+        ":4: 'imgs/a.png' is listed again (first on line 2); list each image once",
+    ),
+    (
+        "unknown-label",
+        "path,label\nimgs/a.png,cat\nimgs/b.png,bird\n",
+        {"class_names": ["cat", "dog"]},
+        ":3: unknown label 'bird'; use one of the classes cat, dog or an index 0..1",
+    ),
+    (
+        "index-out-of-range",
+        "path,label\nimgs/a.png,0\nimgs/b.png,5\n",
+        {"class_names": ["cat", "dog"]},
+        ":3: label index 5 is out of range for 2 classes (0..1); use a valid index",
+    ),
+    ("negative-index", "path,label\nimgs/a.png,-1\nimgs/b.png,0\n", {}, ":2: label index -1 is negative;"),
+    (
+        "empty-class",
+        "path,label\n" + GOOD,
+        {"class_names": ["cat", "dog", "bird"]},
+        ": class 'bird' (index 2) has no rows; add images of it, or leave the class out of the classes",
+    ),
+    (
+        "index-gap",
+        "path,label\nimgs/a.png,0\nimgs/b.png,2\nimgs/c.png,2\n",
+        {},
+        ": class '1' (index 1) has no rows; index labels must number the classes from 0 without gaps;",
+    ),
+    (
+        "huge-index",
+        "path,label\nimgs/a.png,0\nimgs/b.png,99999999999\n",
+        {},
+        ":3: label index 99999999999 but only 2 rows, so classes 0..99999999999 cannot all have images;",
+    ),
+    (
+        "missing-images",
+        "path,label\nimgs/a.png,cat\nimgs/x1.png,cat\nimgs/x2.png,dog\nimgs/x3.png,dog\nimgs/x4.png,dog\n",
+        {},
+        ":3: 4 listed image(s) do not exist: 'imgs/x1.png' (line 3), 'imgs/x2.png' (line 4), 'imgs/x3.png' (line 5) "
+        "and 1 more; paths are relative to '{folder}' (the CSV's folder); fix them or remove the rows",
+    ),
+    ("folder-not-image", "path,label\nimgs,cat\nimgs/a.png,dog\n", {}, ":2: 1 listed image(s) do not exist: 'imgs'"),
+    (
+        "threshold-without-column",
+        "path,label\n" + GOOD,
+        {"label_threshold": 0.5},
+        ": label_threshold 0.5 needs a float column; name it (target_column) or drop the threshold",
+    ),
+    (
+        "column-without-threshold",
+        "path,score\nimgs/a.png,0.3\n",
+        {"target_column": "score"},
+        ": target column 'score' needs a label_threshold to turn its values into classes 0/1;",
+    ),
+    (
+        "threshold-column-missing",
+        "path,label\n" + GOOD,
+        {"target_column": "score", "label_threshold": 0.5},
+        ":1: the header has no 'score' column (found 'path', 'label'); the first line must name the columns, "
+        "e.g. 'path,score'",
+    ),
+    (
+        "non-numeric-target",
+        "path,score\nimgs/a.png,0.2\nimgs/b.png,high\n",
+        {"target_column": "score", "label_threshold": 0.5},
+        ":3: 'high' in column 'score' is not a number; write a number such as 0.75",
+    ),
+    (
+        "nan-target",
+        "path,score\nimgs/a.png,nan\n",
+        {"target_column": "score", "label_threshold": 0.5},
+        ":2: 'nan' in column 'score' is not a finite number",
+    ),
+    (
+        "threshold-one-class",
+        "path,score\nimgs/a.png,0.1\nimgs/b.png,0.4\n",
+        {"target_column": "score", "label_threshold": 0.5},
+        ": class '1' (index 1) has no rows; no 'score' value is >= 0.5; change label_threshold or add rows",
+    ),
+]
+
+
+@pytest.mark.parametrize(("content", "kwargs", "expected"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_labels_file(folder: Path, content, kwargs, expected: str) -> None:
+    outside = str(folder.parent / "outside.png")
+    if isinstance(content, str):
+        content = content.replace("{outside}", outside)
+    path = _write(folder, content)
+    with pytest.raises(DataError) as info:
+        read_labels_csv(path, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    expected = str(path) + expected.replace("{outside}", outside).replace("{folder}", str(folder))
+    assert message.startswith(expected), message
+
+
+def test_missing_and_folder_paths(folder: Path) -> None:
+    with pytest.raises(DataError, match=r"labels.csv: labels file does not exist; check the path"):
+        read_labels_csv(folder / "labels.csv")
+    with pytest.raises(DataError, match=r"imgs: labels file is not a file;"):
+        read_labels_csv(folder / "imgs")
+
+
+def test_names_sorted_and_paths_resolved(folder: Path) -> None:
+    path = _write(folder, "path,label\nimgs/b.png,dog\nimgs/a.png,cat\nimgs/c.png,dog\n")
+    got = read_labels_csv(path)
+    assert isinstance(got, LabelsFile)
+    assert got.class_names == ["cat", "dog"]
+    assert got.samples == [(folder / "imgs/b.png", 1), (folder / "imgs/a.png", 0), (folder / "imgs/c.png", 1)]
+    assert got.lines == [2, 3, 4]
+    assert got.counts == {"cat": 1, "dog": 2} and got.class_to_idx == {"cat": 0, "dog": 1}
+    assert got.root == folder and len(got) == 3
+    assert got.summary() == "labels.csv: 3 images in 2 classes"
+
+
+def test_class_order_is_deterministic(folder: Path) -> None:
+    """Sorted names (as image folders), whatever the row order: each shuffle of the rows gives the same classes."""
+    rows = [f"imgs/{s}.png,{c}" for s, c in zip("abcd", ["zebra", "Ant", "élan", "_misc"], strict=True)]
+    seen = set()
+    for seed in range(5):
+        random.Random(seed).shuffle(rows)
+        got = read_labels_csv(_write(folder, "path,label\n" + "\n".join(rows) + "\n"))
+        seen.add(tuple(got.class_names))
+        assert {p.name: got.class_names[t] for p, t in got.samples}["a.png"] == "zebra"
+    assert seen == {("Ant", "_misc", "zebra", "élan")}
+
+
+def test_index_labels(folder: Path) -> None:
+    got = read_labels_csv(_write(folder, "path,label\nimgs/a.png,1\nimgs/b.png,0\nimgs/c.png,2\n"))
+    assert got.class_names == ["0", "1", "2"] and got.targets == [1, 0, 2]
+
+
+def test_training_class_names_take_names_and_indices(folder: Path) -> None:
+    got = read_labels_csv(
+        _write(folder, "path,label\nimgs/a.png,dog\nimgs/b.png,0\nimgs/c.png,1\n"), class_names=["cat", "dog"]
+    )
+    assert got.class_names == ["cat", "dog"] and got.targets == [1, 0, 1]
+    # a class named like a number is that class, not an index
+    got = read_labels_csv(_write(folder, "path,label\nimgs/a.png,1\nimgs/b.png,0\n"), class_names=["1", "0"])
+    assert got.targets == [0, 1]
+    # an evaluation set may lack a class when asked to allow it
+    got = read_labels_csv(
+        _write(folder, "path,label\nimgs/a.png,dog\n"), class_names=["cat", "dog"], require_all_classes=False
+    )
+    assert got.counts == {"cat": 0, "dog": 1}
+
+
+def test_mixed_labels_without_class_names_are_names(folder: Path) -> None:
+    got = read_labels_csv(_write(folder, "path,label\nimgs/a.png,10\nimgs/b.png,9\nimgs/c.png,cat\n"))
+    assert got.class_names == ["10", "9", "cat"] and got.targets == [0, 1, 2]
+
+
+def test_threshold(folder: Path) -> None:
+    text = "path,score,label\nimgs/a.png,0.1,x\nimgs/b.png,0.5,\nimgs/c.png,0.9,x\nimgs/d.png,-3e-1,x\n"
+    got = read_labels_csv(_write(folder, text), target_column="score", label_threshold=0.5)
+    assert got.class_names == ["0", "1"] and got.targets == [0, 1, 1, 0]  # >= threshold is class 1
+    got = read_labels_csv(
+        _write(folder, text), target_column="score", label_threshold=0.5, class_names=["ok", "defect"]
+    )
+    assert got.counts == {"ok": 2, "defect": 2}
+    with pytest.raises(DataError, match="a label_threshold makes 2 classes, but 3 class names were given"):
+        read_labels_csv(_write(folder, text), target_column="score", label_threshold=0.5, class_names=["a", "b", "c"])
+
+
+def test_tolerant_formatting(folder: Path) -> None:
+    """Excel-style files: byte-order mark, CRLF, blank lines, spaces, quoted paths with commas, other columns."""
+    Image.new("RGB", (5, 5)).save(folder / "imgs" / "x, y.png")
+    text = '\ufeffid , path , label\r\n\r\n1, imgs/a.png , cat\r\n2,"imgs/x, y.png",dog\r\n'
+    got = read_labels_csv(_write(folder, text))
+    assert [p.name for p in got.paths] == ["a.png", "x, y.png"] and got.class_names == ["cat", "dog"]
+    assert got.lines == [3, 4]
+
+
+def test_custom_columns_and_no_file_check(folder: Path) -> None:
+    text = "file;class\n"  # not our delimiter: still one column, so the header error names it
+    with pytest.raises(DataError, match=r"the header has no 'file' column \(found 'file;class'\)"):
+        read_labels_csv(_write(folder, text), path_column="file", label_column="class")
+    got = read_labels_csv(
+        _write(folder, "class,file\ncat,imgs/nope.png\ndog,imgs/a.png\n"),
+        path_column="file",
+        label_column="class",
+        check_files=False,
+    )
+    assert got.targets == [0, 1]
+
+
+def test_outside_paths_only_when_allowed(folder: Path) -> None:
+    outside = folder.parent / "outside.png"
+    text = f"path,label\n{outside},cat\n../outside.png,cat\nimgs/a.png,dog\n"
+    with pytest.raises(DataError, match="absolute path"):
+        read_labels_csv(_write(folder, text))
+    got = read_labels_csv(_write(folder, text.replace(f"{outside},cat\n", "")), allow_outside_paths=True)
+    assert got.paths[0] == outside
+    with pytest.raises(DataError, match=r"labels.csv:3: '../outside.png' is listed again \(first on line 2\)"):
+        read_labels_csv(_write(folder, text), allow_outside_paths=True)
+
+
+def test_dataset_loads_images(folder: Path) -> None:
+    from timm.data import create_transform
+
+    labels = read_labels_csv(_write(folder, "path,label\nimgs/a.png,cat\nimgs/d.png,dog\n"))
+    transform = create_transform(input_size=(3, 16, 16), is_training=False, crop_pct=1.0)
+    ds = LabelsDataset(labels, transform)
+    assert len(ds) == 2 and ds.class_names == ["cat", "dog"]
+    x, y = ds[1]
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 16, 16) and y == 1
+    assert ds.filename(0) == "imgs/a.png" and ds.filename(1, absolute=True) == str(folder / "imgs/d.png")
+    gray = LabelsDataset(labels, img_mode="L")
+    img, _ = gray[0]
+    assert img.mode == "L" and img.size == (8, 6)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert batch[0].shape == (2, 3, 16, 16) and batch[1].tolist() == [0, 1]
