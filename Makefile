@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check surgery tests benchmarks examples
+	$(BIN)/ruff format --check surgery tests benchmarks examples tools
 
 docs: $(STAMP)
 	$(BIN)/python -m surgery.docgen docs/

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from surgery.data import build_image_datasets
-from surgery.datasets import write_synthetic_folders
 from surgery.train import train
+from tools.toydata import write_synthetic_folders
 
 
 def _recipe(args: argparse.Namespace, root: Path, **train_keys: object) -> dict:

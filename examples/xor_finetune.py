@@ -6,7 +6,7 @@ over several seeds, and the decision boundaries of the first seed are drawn.
 
     python examples/xor_finetune.py [--seeds 5] [--out xor-output]
 
-The data come from ``surgery.datasets.make_xor``: four Gaussian blobs whose labels follow the sign of x*y, matched to
+The data come from ``tools.toydata.make_xor``: four Gaussian blobs whose labels follow the sign of x*y, matched to
 the seed article's files.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import surgery
-from surgery.datasets import make_xor
+from tools.toydata import make_xor
 
 HERE = Path(__file__).resolve().parent
 RECIPES = {name: HERE / "xor" / f"{name}.yaml" for name in ("pretrain", "finetune", "head-only", "scratch")}

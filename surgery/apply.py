@@ -52,9 +52,12 @@ def apply_plan(model: nn.Module, the_plan: Plan) -> Plan:
     return the_plan
 
 
-def apply(model: nn.Module, recipe: RecipeLike) -> Plan:
-    """Plan ``recipe`` on ``model`` and apply it; returns the plan (whose ``param_groups()`` feed an optimizer)."""
-    return apply_plan(model, plan(model, recipe))
+def apply(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None) -> Plan:
+    """Plan ``recipe`` on ``model`` and apply it; returns the plan (whose ``param_groups()`` feed an optimizer).
+
+    ``num_classes`` sizes new heads that leave it unset, as the built-in recipes do.
+    """
+    return apply_plan(model, plan(model, recipe, num_classes=num_classes))
 
 
 def count(model: nn.Module) -> tuple[int, int]:

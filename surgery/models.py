@@ -495,15 +495,15 @@ def check_safetensors_header(path: Path, *, where: str) -> None:
             (length,) = struct.unpack("<Q", head)
             if length > _MAX_HEADER or length + 8 > size:
                 raise ModelError(
-                    f"{where}: {path} is not a valid safetensors file (header claims {length} bytes, file has {size})"
+                    f"{where}: {path} is not a readable safetensors file (header claims {length} bytes, file has {size})"
                 )
             header = json.loads(fh.read(length))
     except OSError as err:
         raise ModelError(f"{where}: cannot read {path}: {_first_line(err)}") from None
     except (UnicodeDecodeError, ValueError):
-        raise ModelError(f"{where}: {path} is not a valid safetensors file (its header is not JSON)") from None
+        raise ModelError(f"{where}: {path} is not a readable safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
-        raise ModelError(f"{where}: {path} is not a valid safetensors file (its header is not a JSON object)")
+        raise ModelError(f"{where}: {path} is not a readable safetensors file (its header is not a JSON object)")
 
 
 def read_safetensors(path: Path, *, where: str = "checkpoint") -> dict[str, torch.Tensor]:

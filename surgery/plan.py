@@ -22,7 +22,7 @@ from surgery import heads as heads_mod
 from surgery import norms as norms_mod
 from surgery.errors import HeadError, NothingTrainableError, SurgeryError
 from surgery.layers import Layer, layer_of, layers_from_names
-from surgery.recipe import LoadedRecipe, load_recipe
+from surgery.recipe import LoadedRecipe, load_recipe, with_num_classes
 from surgery.schema import HeadSpec, Recipe
 from surgery.select import describe, select
 
@@ -265,9 +265,14 @@ def _exempt(name: str, patterns: set[str]) -> bool:
     return name in patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def plan(model: nn.Module, recipe: RecipeLike) -> Plan:
-    """Resolve ``recipe`` against ``model`` without changing the model. See :class:`Plan`."""
+def plan(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None) -> Plan:
+    """Resolve ``recipe`` against ``model`` without changing the model. See :class:`Plan`.
+
+    ``num_classes`` sizes the new heads that leave it unset (the built-in recipes do: the count comes from the data).
+    """
     recipe = _as_recipe(recipe)
+    if num_classes is not None:
+        recipe = with_num_classes(recipe, num_classes)
     spec = recipe.surgery
     current = [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]
     warnings: list[str] = []
@@ -277,6 +282,11 @@ def plan(model: nn.Module, recipe: RecipeLike) -> Plan:
     replaced: dict[str, HeadChange] = {}
     for key, hspec in spec.heads.items():
         where = recipe.where("surgery", "heads", key)
+        if hspec.num_classes is None:
+            raise HeadError(
+                f"{recipe.where('surgery', 'heads', key, 'num_classes')}: the new head's class count is not set; "
+                "pass --num-classes N (CLI) or num_classes=N (Python), or let `surgery train` read it from the data"
+            )
         for path in heads_mod.resolve_targets(model, key, where=where):
             if path in replaced:
                 raise HeadError(f"{where}: {path!r} is already replaced by heads.{replaced[path].key}; keep one")

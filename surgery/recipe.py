@@ -423,6 +423,31 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
     return validate(data, origins, name)
 
 
+def with_num_classes(recipe: LoadedRecipe, num_classes: int, *, source: str = "num_classes") -> LoadedRecipe:
+    """The recipe with every new head sized to ``num_classes`` (the class count of the data, or ``--num-classes``).
+
+    A head that leaves ``num_classes`` unset takes the count; one that sets another count is an error naming where it
+    is set, because a head whose size does not match the data trains a wrong classifier without a word.
+    """
+    if num_classes < 1:
+        raise RecipeError(f"{source}: the class count must be at least 1, got {num_classes}")
+    heads = dict(recipe.surgery.heads)
+    for key, spec in heads.items():
+        if spec.num_classes is None:
+            heads[key] = spec.model_copy(update={"num_classes": num_classes})
+        elif spec.num_classes != num_classes:
+            raise RecipeError(
+                f"{recipe.where('surgery', 'heads', key, 'num_classes')}: the head has {spec.num_classes} classes "
+                f"but {source} has {num_classes}; remove the key to take the count from the data, "
+                f"or set it to {num_classes}"
+            )
+    if heads == recipe.surgery.heads:
+        return recipe
+    filled = recipe.model_copy(update={"surgery": recipe.surgery.model_copy(update={"heads": heads})})
+    filled._origins, filled._source = recipe._origins, recipe._source
+    return filled
+
+
 def resolved_data(recipe: Recipe, *, predicates: str = "error") -> dict[str, Any]:
     """The fully resolved recipe as plain JSON-ready data, for the copies runs and adapters keep.
 

@@ -113,7 +113,12 @@ class Rule(_Section):
 class HeadSpec(_Section):
     """A new classifier head replacing an existing module. New heads are trainable (the seed's transfer learning)."""
 
-    num_classes: int = Field(ge=1, description="Number of outputs of the new head.")
+    num_classes: int | None = Field(
+        None,
+        ge=1,
+        description="Number of outputs of the new head. Unset: the class count of the training data "
+        "(`surgery train`), `--num-classes N` or `num_classes=N` in the Python API.",
+    )
     type: Literal["linear", "mlp"] = Field("linear", description="`linear`, or `mlp` with `hidden` layers.")
     hidden: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=list, description="Hidden sizes of an `mlp` head, e.g. `[512, 256]`."

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from surgery.datasets import write_digits_folders
 from surgery.train import train
+from tools.toydata import write_digits_folders
 
 SEEDS = (0, 1, 2)
 SHOTS = 2

@@ -453,8 +453,8 @@ def test_cli_merge_and_load(adapter: Path, tmp_path: Path, capsys: pytest.Captur
 def test_surgery_train_writes_an_adapter_that_reloads_identically(
     staged: bool, bases: dict[str, Path], tmp_path: Path
 ) -> None:
-    from surgery.datasets import write_synthetic_folders
     from surgery.train import train
+    from tools.toydata import write_synthetic_folders
 
     data = write_synthetic_folders(tmp_path / "data", classes=3, per_class=4, val_per_class=2)
     spec = {"rules": [{"freeze": "*"}], "heads": {"classifier": {"num_classes": 3}}, "norm": "train"}

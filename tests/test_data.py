@@ -19,8 +19,8 @@ from surgery.data import (
     resolve_data_cfg,
     validate_image_folders,
 )
-from surgery.datasets import make_xor, write_digits_folders, write_synthetic_folders
 from surgery.errors import DataError
+from tools.toydata import make_xor, write_digits_folders, write_synthetic_folders
 
 
 def _png(path: Path, color: tuple[int, int, int] = (200, 30, 30), size: int = 16) -> Path:

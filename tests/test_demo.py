@@ -15,7 +15,7 @@ import pytest
 def test_demo_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # the embedded hub, not a user's
     proc = subprocess.run(
-        [sys.executable, "-m", "surgery.demo", "--out", str(tmp_path), "--shots", "2"],
+        [sys.executable, "-m", "tools.demo", "--out", str(tmp_path), "--shots", "2"],
         capture_output=True,
         text=True,
         env=env,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery import docgen
+from tools import docgen
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
@@ -26,7 +26,7 @@ def _snippets() -> list[tuple[str, str, str]]:
 
 def test_generated_reference_pages_are_fresh() -> None:
     for name, render in docgen.PAGES.items():
-        assert (ROOT / "docs" / name).read_text() == render(), f"docs/{name} is stale: python -m surgery.docgen docs/"
+        assert (ROOT / "docs" / name).read_text() == render(), f"docs/{name} is stale: python -m tools.docgen docs/"
 
 
 def test_every_recipe_key_is_documented() -> None:

@@ -130,7 +130,7 @@ def test_plan_is_pure() -> None:
     model = timm.create_model("test_resnet", pretrained=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     modules = [type(m) for m in model.modules()]
-    p = surgery.plan(model, "linear-probe")
+    p = surgery.plan(model, "linear-probe", num_classes=10)
     assert p.heads and p.norms
     assert all(t.requires_grad for t in model.parameters())
     assert [type(m) for m in model.modules()] == modules
@@ -141,12 +141,12 @@ def test_plan_is_pure() -> None:
 
 def test_tuple_classifiers_deit_distilled_and_levit() -> None:
     deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32)
-    p = surgery.apply(deit, "linear-probe")
+    p = surgery.apply(deit, "linear-probe", num_classes=10)
     assert [h.path for h in p.heads] == ["head", "head_dist"]
     assert set(p.trainable_names) == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
     assert deit.num_classes == 10 and deit(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     levit = timm.create_model("levit_128s", pretrained=False, img_size=64)
-    p = surgery.apply(levit, "linear-probe")
+    p = surgery.apply(levit, "linear-probe", num_classes=10)
     assert [h.path for h in p.heads] == ["head.linear", "head_dist.linear"]
     assert levit.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 10)
 
@@ -282,7 +282,7 @@ def test_plan_json_on_meta_device(capsys) -> None:
 def test_plan_table_huge_model_allocates_nothing() -> None:
     """vit_giant (1B parameters) plans on the meta device in a fresh process with little memory."""
     code = (
-        "import resource, sys; from surgery.cli import main; rc = main(['plan', 'llrd', '--model', "
+        "import resource, sys; from surgery.cli import main; rc = main(['plan', 'llrd', '--num-classes', '10', '--model', "
         "'vit_giant_patch14_224']); print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

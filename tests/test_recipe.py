@@ -85,7 +85,7 @@ MALFORMED: list[tuple[str, str, list[str], str]] = [
         "head-missing-classes",
         MODEL + "surgery:\n  heads: {fc: {type: linear}}\n",
         [],
-        "surgery.heads.fc.num_classes: required key is missing",
+        "surgery.heads.fc.num_classes: the new head's class count is not set",
     ),
     (
         "mlp-no-hidden",

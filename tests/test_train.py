@@ -21,11 +21,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import surgery
-from surgery.datasets import make_xor, write_synthetic_folders
 from surgery.errors import DataError, RecipeError, SurgeryError
 from surgery.optim import build_optimizer, build_scheduler, current_lrs, set_param_groups
 from surgery.recipe import load_recipe
 from surgery.train import feature_cache_reason, latest_checkpoint, train
+from tools.toydata import make_xor, write_synthetic_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -106,7 +106,7 @@ def one_step(model: nn.Module, plan: surgery.Plan, size: int, *, classes: int = 
 def test_builtin_recipe_on_timm_model(name: str, kwargs: dict, size: int, recipe: str) -> None:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs)
-    plan = surgery.apply(model, recipe)
+    plan = surgery.apply(model, recipe, num_classes=10)
     assert plan.trainable_params > 0
     if getattr(model, "num_classes", None) is not None:
         assert model.num_classes == 10, "timm's num_classes must stay truthful after the head is replaced"
@@ -121,7 +121,7 @@ def test_builtin_recipe_on_timm_model(name: str, kwargs: dict, size: int, recipe
 
 def test_layer_decay_and_partial_match_timm_groups() -> None:
     model = timm.create_model("test_vit", pretrained=False)
-    partial = surgery.plan(model, "partial")
+    partial = surgery.plan(model, "partial", num_classes=10)
     n = len(partial.layers)
     frozen_layers = {p.layer for p in partial.parameters if not p.trainable}
     assert frozen_layers == set(range(round(n / 2))), "partial freezes exactly the first half of the layers"

@@ -13,7 +13,7 @@ The job runs as three processes: this supervisor (hub server and table), the job
 and the evaluation (step 5's fresh process). Children get ``HF_ENDPOINT`` before they import anything, because
 ``huggingface_hub`` and timm read it once, at import.
 
-    python -m surgery.demo [--out demo-output] [--shots 2,5,20]
+    python -m tools.demo [--out demo-output] [--shots 2,5,20]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def supervise(out: Path, shots: list[int]) -> int:
         shot_arg = ",".join(map(str, shots))
         for step in ("job", "evaluate"):
             code = subprocess.call(
-                [sys.executable, "-m", "surgery.demo", step, "--out", str(out), "--shots", shot_arg], env=env
+                [sys.executable, "-m", "tools.demo", step, "--out", str(out), "--shots", shot_arg], env=env
             )
             if code:
                 _say(f"the {step} step failed (exit status {code})")
@@ -143,7 +143,7 @@ def job(out: Path, shots: list[int]) -> None:
     import torch
 
     import surgery
-    from surgery.datasets import write_digits_folders
+    from tools.toydata import write_digits_folders
 
     data = out / "data"
     _say("2/6 pretraining test_resnet on digits 0-4 (scikit-learn's digits as image folders)")
@@ -313,8 +313,8 @@ def _plots(runs: list[dict[str, Any]], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m surgery.demo [job|evaluate] [--out DIR] [--shots 2,5,20]``."""
-    parser = argparse.ArgumentParser(prog="python -m surgery.demo", description=__doc__.splitlines()[0])
+    """``python -m tools.demo [job|evaluate] [--out DIR] [--shots 2,5,20]``."""
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("step", nargs="?", choices=("all", "job", "evaluate"), default="all")
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--shots", default="2,5,20", help="examples per class, comma-separated")
