@@ -495,7 +495,8 @@ def check_safetensors_header(path: Path, *, where: str) -> None:
             (length,) = struct.unpack("<Q", head)
             if length > _MAX_HEADER or length + 8 > size:
                 raise ModelError(
-                    f"{where}: {path} is not a readable safetensors file (header claims {length} bytes, file has {size})"
+                    f"{where}: {path} is not a readable safetensors file "
+                    f"(header claims {length} bytes, file has {size})"
                 )
             header = json.loads(fh.read(length))
     except OSError as err:

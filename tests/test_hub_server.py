@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from hubtools import client, raw
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationCopy,
@@ -64,20 +64,6 @@ def hub(hub_server):
     return hub_server
 
 
-def client(hub, who: str | None = "alice") -> HfApi:
-    return HfApi(endpoint=hub.url, token=hub.tokens[who] if who else False)
-
-
-def raw(url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict, bytes]:
-    """Send one request exactly as given (no path normalisation), return status, lower-cased headers, body."""
-    u = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def ndjson(*items: dict) -> bytes:

@@ -282,8 +282,9 @@ def test_plan_json_on_meta_device(capsys) -> None:
 def test_plan_table_huge_model_allocates_nothing() -> None:
     """vit_giant (1B parameters) plans on the meta device in a fresh process with little memory."""
     code = (
-        "import resource, sys; from surgery.cli import main; rc = main(['plan', 'llrd', '--num-classes', '10', '--model', "
-        "'vit_giant_patch14_224']); print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+        "import resource, sys; from surgery.cli import main; "
+        "rc = main(['plan', 'llrd', '--num-classes', '10', '--model', 'vit_giant_patch14_224']); "
+        " print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hubtools import client, raw
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
@@ -61,20 +62,6 @@ def hub(hub_server):
     return hub_server
 
 
-def client(hub, who: str | None = "alice") -> HfApi:
-    return HfApi(endpoint=hub.url, token=hub.tokens[who] if who else False)
-
-
-def raw(url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict, bytes]:
-    """Send one request exactly as given, return status, lower-cased headers and body."""
-    u = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def auth(hub, who: str = "alice") -> dict:
