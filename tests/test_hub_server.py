@@ -64,8 +64,6 @@ def hub(hub_server):
     return hub_server
 
 
-
-
 def ndjson(*items: dict) -> bytes:
     return b"".join(json.dumps(item).encode() + b"\n" for item in items)
 

@@ -62,8 +62,6 @@ def hub(hub_server):
     return hub_server
 
 
-
-
 def auth(hub, who: str = "alice") -> dict:
     return {"authorization": f"Bearer {hub.tokens[who]}"}
 
