@@ -357,6 +357,30 @@ def test_connections_are_capped_and_idle_ones_closed(tmp_path):
         assert status == 200
 
 
+def test_headers_trickled_a_byte_at_a_time_are_cut_off(tmp_path):
+    """Never silent for idle_timeout, yet never done: the header deadline closes the connection."""
+    with HubServer(tmp_path, limits=Limits(idle_timeout=5.0, header_timeout=1.0)) as server:
+        u = urllib.parse.urlsplit(server.url)
+        sock = socket.create_connection((u.hostname, u.port), timeout=10)
+        start = time.monotonic()
+        closed = False
+        try:
+            sock.sendall(b"GET /api/agent-harnesses HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(40):  # 0.2 s between bytes: far below the idle timeout
+                time.sleep(0.2)
+                sock.sendall(b"X")
+        except OSError:
+            closed = True
+        finally:
+            took = time.monotonic() - start
+            if not closed:
+                closed = sock.recv(1024) == b""
+            sock.close()
+        assert closed and took < 4, f"the trickling client was served for {took:.1f}s"
+        status, _, _ = raw(server.url, "GET", "/api/agent-harnesses")  # others are served as before
+        assert status == 200
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Access log
 

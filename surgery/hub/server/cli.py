@@ -75,6 +75,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"close a connection silent this long (default {d.idle_timeout:g})",
     )
+    p.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=d.header_timeout,
+        metavar="SECONDS",
+        help=f"close a connection whose request line and headers take longer (default {d.header_timeout:g})",
+    )
 
     p = sub.add_parser("token", help="manage tokens (stored hashed in ROOT/tokens.json)")
     tsub = p.add_subparsers(dest="action", required=True, metavar="{add,list,revoke}")
@@ -115,6 +122,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m surgery.hub.s
                 max_commit_body=int(args.max_commit_size * GB),
                 max_connections=args.max_connections,
                 idle_timeout=args.idle_timeout,
+                header_timeout=args.header_timeout,
             )
             serve(args.root, args.host, args.port, public_url=args.public_url, limits=limits)
         elif args.command == "gc":

@@ -51,7 +51,9 @@ class Limits:
     ``max_lfs_size``: largest LFS object the batch endpoint signs an upload for (the Hub's 50 GB);
     ``max_json_body``: largest JSON request body; ``max_commit_body``: largest commit (NDJSON) body, whose inline
     files are each below the 10 MiB LFS threshold; ``max_connections``: connections served at once (more get 503);
-    ``idle_timeout``: seconds a connection may stay silent (between requests or mid-body) before it is closed.
+    ``idle_timeout``: seconds a connection may stay silent (between requests or mid-body) before it is closed;
+    ``header_timeout``: seconds from a request's first byte to the end of its headers (a client trickling its request
+    line or headers a byte at a time, never silent for ``idle_timeout``, is cut off here).
     """
 
     max_lfs_size: int = 50 * GB
@@ -59,6 +61,7 @@ class Limits:
     max_commit_body: int = 2 * GB
     max_connections: int = 64
     idle_timeout: float = 60.0
+    header_timeout: float = 30.0
 
     @property
     def max_body(self) -> int:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -67,7 +68,36 @@ class HubHTTPServer(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self.conn_guard = threading.Lock()
         self.active = 0
+        self.header_deadlines: dict[socket.socket, float] = {}  # connections reading a request line and headers
+        self._closed = threading.Event()
         super().__init__(addr, Handler)
+        threading.Thread(target=self._cut_slow_headers, name="hub-header-deadlines", daemon=True).start()
+
+    def watch_headers(self, sock: socket.socket) -> None:
+        """A request started on ``sock``: its request line and headers must be complete within header_timeout."""
+        with self.conn_guard:
+            self.header_deadlines[sock] = time.monotonic() + self.limits.header_timeout
+
+    def headers_done(self, sock: socket.socket) -> None:
+        with self.conn_guard:
+            self.header_deadlines.pop(sock, None)
+
+    def _cut_slow_headers(self) -> None:
+        """Shut connections whose headers are overdue (socket timeouts alone reset on every byte received)."""
+        while not self._closed.wait(0.25):
+            now = time.monotonic()
+            with self.conn_guard:
+                overdue = [s for s, deadline in self.header_deadlines.items() if deadline < now]
+                for sock in overdue:
+                    del self.header_deadlines[sock]
+            for sock in overdue:
+                logger.info("closing a connection whose request headers took over %gs", self.limits.header_timeout)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the connection in a thread, or answer 503 at once when ``max_connections`` are already open."""

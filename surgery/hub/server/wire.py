@@ -52,6 +52,10 @@ class ServerContext(Protocol):
     conn_guard: threading.Lock
     server_address: Any
 
+    def watch_headers(self, sock: socket.socket) -> None: ...
+
+    def headers_done(self, sock: socket.socket) -> None: ...
+
 
 class Body:
     """Reads a request body (Content-Length or chunked) in bounded pieces, so uploads never sit in memory."""
@@ -166,6 +170,26 @@ class BaseHandler(BaseHTTPRequestHandler):
         super().setup()
         with self.server.conn_guard:
             self.server.connections.add(self.connection)
+
+    def handle_one_request(self) -> None:
+        """Serve one request; from its first byte to the end of its headers it runs against ``header_timeout``."""
+        try:
+            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # a BufferedReader: wait for the first byte
+                self.close_connection = True
+                return
+        except OSError:  # idle timeout or reset between requests
+            self.close_connection = True
+            return
+        self.server.watch_headers(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.headers_done(self.connection)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.headers_done(self.connection)  # the body runs against idle_timeout and the size limits
+        return ok
 
     def finish(self) -> None:
         with self.server.conn_guard:
