@@ -53,8 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe (also under `accelerate launch -m surgery train ...`)")
     _add_recipe_args(p)
-    p.add_argument("--output", metavar="DIR", help="output folder (default: train.output_dir, else runs/<recipe>)")
+    p.add_argument("--model", help="model reference, overriding model.name")
+    p.add_argument("--num-classes", type=int, help="number of classes of every new head (adds heads.classifier)")
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="output folder (default: train.output_dir, else a new output/train/<date>-<time>-<model>-<recipe>)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -228,14 +235,36 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from surgery.train import default_output_dir, train
+    from surgery.train import Interrupted, default_output_dir, train
 
-    recipe = load_cli_recipe(args.recipe, args.overrides)
-    output = args.output or default_output_dir(recipe)
-    result = train(recipe, output_dir=output, resume=args.resume, progress=not args.no_progress)
+    recipe = load_cli_recipe(args.recipe, args.overrides, model=args.model, num_classes=args.num_classes)
+    output = args.output or recipe.train.output_dir
+    if output is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would pick its own timestamp
+            raise RecipeError("surgery train: several processes need one output folder: pass --output DIR")
+        if args.resume:
+            raise RecipeError("surgery train --resume: name the folder of the run to continue with --output DIR")
+        output = default_output_dir(recipe)
+    try:
+        result = train(
+            recipe, output_dir=output, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        )
+    except Interrupted as stop:
+        if stop.is_main_process:
+            print(f"surgery: {stop.hint}", file=sys.stderr)
+        raise
     if result.is_main_process:
         keys = ("val_loss", "val_top1", "val_top5", "train_loss")
         print(" ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if k in result.metrics) or "no epochs trained")
+        if result.skipped_images:
+            from surgery.train.run_folder import SKIPPED
+
+            print(
+                f"skipped {len(result.skipped_images)} undecodable image(s) (data.skip_bad_images), e.g. "
+                f"{result.skipped_images[0]}; all listed in {Path(result.output_dir or '.') / SKIPPED}"
+            )
+        if result.pushed_url:
+            print(f"pushed: {result.pushed_url}")
         print(f"outputs: {result.output_dir}")
     return 0
 

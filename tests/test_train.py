@@ -260,7 +260,7 @@ def test_cli_reports_bad_data_and_class_count_in_one_line(data: Path, tmp_path: 
     recipe.write_text(json.dumps({**_recipe(tmp_path / "nowhere")}))
     assert main(["train", str(recipe), "--output", str(tmp_path / "o")]) == 2
     recipe.write_text(json.dumps({**_recipe(data), "surgery": {"heads": {"classifier": {"num_classes": 5}}}}))
-    with pytest.raises(RecipeError, match=r"num_classes=3"):
+    with pytest.raises(RecipeError, match=r"5 classes but data.root \(3 class folders\) has 3"):
         train(load_recipe(recipe), progress=False)
 
 
