@@ -308,6 +308,8 @@ class Trainer:
             run_folder.check_reuse(
                 self.out, resume=self.resume, overwrite=self.overwrite, has_checkpoint=self.checkpoint is not None
             )
+            if not self.resume:
+                self.checkpoint = None  # --overwrite: the earlier run's checkpoints are dropped, not resumed
         self.report = self._validate_data()  # bad data is reported before any model is built or trained
         self._fill_num_classes()
         if self.checkpoint is not None:
