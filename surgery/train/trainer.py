@@ -797,7 +797,7 @@ class Trainer:
             save_model(self.ema.module, str(out / run_folder.EMA_WEIGHTS))
         recipe_yaml = yaml.safe_dump(resolved_data(self.recipe, predicates="repr"), sort_keys=False)
         (out / run_folder.RECIPE).write_text(recipe_yaml)
-        (out / run_folder.PLAN).write_text(self.first.to_json())
+        (out / run_folder.PLAN).write_text(self.plan.to_json())
         if self.class_names is not None:
             (out / run_folder.CLASSES).write_text(json.dumps(self.class_names, indent=1))
         (out / run_folder.METRICS).write_text(json.dumps(metrics, indent=1))
