@@ -270,8 +270,16 @@ class TrainSpec(_Section):
         False, description="Multi-process only: let DDP tolerate trainable parameters the forward does not use."
     )
     output_dir: str | None = Field(
-        None, description="Output folder (`--output` overrides it). Default: `runs/<recipe name>`."
+        None,
+        description="Output folder (`--output` overrides it). Default: a new "
+        "`output/train/<date>-<time>-<model>-<recipe>`.",
     )
+    channels_last: bool | Literal["auto"] = Field(
+        "auto",
+        description="Train in the channels-last memory format. `auto`: on for convnets (a Conv2d with a kernel larger "
+        "than 1 that is not a patch embedding, i.e. whose stride differs from its kernel), off otherwise (ViTs, MLPs).",
+    )
+    compile: bool = Field(False, description="Compile the trained module with `torch.compile`.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:
@@ -304,7 +312,11 @@ class DataSpec(_Section):
         "crop and flip) or `strong` (adds RandAugment and random erasing).",
     )
     skip_bad_images: bool = Field(False, description="Leave undecodable images out instead of stopping with an error.")
-    num_workers: int = Field(0, ge=0, description="Data-loading worker processes per training process.")
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Data-loading worker processes per training process. `auto`: min(CPU count - 1, 4), 0 on one "
+        "core; workers are persistent, and memory is pinned on CUDA.",
+    )
 
 
 class HubSpec(_Section):

@@ -334,6 +334,7 @@ def test_resume_from_every_kind_of_checkpoint(reference: tuple[Path, Path], tmp_
             kind = "mid_epoch_stage1"
         picks.setdefault(kind, ckpt)
     assert {"mid_epoch", "epoch_end", "stage_end", "mid_epoch_stage1"} <= set(picks)
+    assert json.loads((ref / "metrics.json").read_text())["channels_last"] is True  # auto: a convnet, trained so
     for kind in ("stage_end", "mid_epoch_stage1"):
         out = tmp_path / kind
         shutil.copytree(picks[kind], out / "checkpoints" / picks[kind].name)
@@ -667,3 +668,18 @@ def test_no_progress_still_prints_the_push_url(data: Path, tmp_path: Path, hub_s
     assert main(["train", str(path), "--output", str(tmp_path / "out"), "--no-progress"]) == 0, capsys.readouterr()
     printed = capsys.readouterr().out
     assert f"pushed: {hub_server.url}" in printed and "alice/pushed-run" in printed
+
+
+def test_channels_last_auto_is_on_for_convnets_and_off_for_vits_and_workers_auto() -> None:
+    from surgery.train.trainer import resolve_num_workers, uses_channels_last
+
+    assert uses_channels_last(timm.create_model("test_resnet")) is True
+    assert uses_channels_last(timm.create_model("test_efficientnet")) is True
+    assert uses_channels_last(timm.create_model("test_vit")) is False  # its one conv is the patch embedding
+    assert uses_channels_last(nn.Sequential(nn.Linear(2, 3))) is False
+    cpus = os.cpu_count() or 1
+    assert resolve_num_workers("auto") == (0 if cpus == 1 else min(cpus - 1, 4)) and resolve_num_workers(3) == 3
+    recipe = load_recipe({"train": {"channels_last": True, "compile": False}, "data": {"num_workers": "auto"}})
+    assert recipe.train.channels_last is True and recipe.data.num_workers == "auto"
+    with pytest.raises(RecipeError):
+        load_recipe({"train": {"channels_last": "sometimes"}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,7 +57,9 @@ class Loss:
 
 
 @torch.no_grad()
-def evaluate(acc: Any, net: nn.Module, loader: Any, loss: Loss, prefix: str = "") -> dict[str, float]:
+def evaluate(
+    acc: Any, net: nn.Module, loader: Any, loss: Loss, prefix: str = "", to_input: Callable[[Any], Any] | None = None
+) -> dict[str, float]:
     """``{prefix}val_loss``, ``val_top1`` and (k > 1) ``val_top5`` of ``net`` over ``loader``, gathered over every
     process (Accelerate's ``gather_for_metrics`` drops the samples repeated to even out the last batch)."""
     was = net.training
@@ -65,6 +68,8 @@ def evaluate(acc: Any, net: nn.Module, loader: Any, loss: Loss, prefix: str = ""
     try:
         for batch in loader:
             x, y = split_batch(batch)
+            if to_input is not None:
+                x = to_input(x)
             with acc.autocast():
                 logits = net(x)
             per, _, k = loss.counts(logits, y)

@@ -122,8 +122,11 @@ def _make_accelerator(recipe: LoadedRecipe, out: Path | None):  # noqa: ANN202 -
     if out is not None:
         log_with = [_jsonl_tracker(out / run_folder.METRICS_LOG), "tensorboard"]
         project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / run_folder.LOGS))
+    # train.compile: Accelerate's own torch.compile (dynamo) in prepare; unset, its config or launch flag decides
+    dynamo = {"dynamo_backend": "inductor"} if spec.compile else {}
     try:
         return Accelerator(
+            **dynamo,
             cpu=cpu,
             mixed_precision=None if spec.mixed_precision == "auto" else spec.mixed_precision,
             gradient_accumulation_steps=spec.grad_accum_steps,
@@ -167,13 +170,54 @@ def _jsonl_tracker(path: Path) -> Any:
     return JsonLinesTracker(path)
 
 
+def resolve_num_workers(value: int | str) -> int:
+    """``data.num_workers``: an int as it is; ``auto`` is min(CPU count - 1, 4), 0 on one core."""
+    if value != "auto":
+        return int(value)
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 1 else min(cpus - 1, 4)
+
+
+def uses_channels_last(model: nn.Module) -> bool:
+    """``train.channels_last: auto``: True for convnets, i.e. a Conv2d with a kernel larger than 1 that is not a patch
+    embedding (its stride differs from its kernel); False for ViTs (their one conv is the patchify), MLPs..."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and tuple(m.kernel_size) != tuple(m.stride):
+            return True
+    return False
+
+
+def _contiguous_weights(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+    """Accelerate saves model weights as safetensors, which refuses channels-last tensors: make them contiguous."""
+    for state in weights:
+        for key, value in state.items():
+            state[key] = value.contiguous()
+
+
+def _worker_init(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers ignore it, the trainer stops at the next update."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _as_loader(
     data: Dataset, batch_size: int, sampler: Sampler | None, num_workers: int, *, training: bool = False
 ) -> DataLoader:
     # BatchNorm cannot train on a batch of one sample: drop a lone trailing sample (a different one each epoch, since
     # the order is shuffled) instead of failing at the end of the first epoch.
     drop_last = training and len(data) > batch_size and len(data) % batch_size == 1  # type: ignore[arg-type]
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last)
+    # Persistent workers keep their copy of the dataset: a SeededDataset's epoch would not reach them, so workers
+    # are started again each epoch for seeded (random) pipelines and kept for deterministic ones.
+    persistent = num_workers > 0 and not isinstance(data, SeededDataset)
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        persistent_workers=persistent,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def _recipe_record(recipe: LoadedRecipe) -> dict[str, Any]:
@@ -265,6 +309,7 @@ class Trainer:
         self.scheduler: Any = None
         self.ema: Any = None
         self.net: nn.Module | None = None
+        self.channels_last = False  # train.channels_last, resolved on the built model
         self.state = TrainState()
         # set while fitting
         self.cache_reason: str | None = "no training"
@@ -330,6 +375,11 @@ class Trainer:
             self.base_fingerprint = adapter.fingerprint(self.model)  # the base, before surgery and training
         self.model.to(acc.device)
         self.first = self.plan = stages.plan_stage(self.model, recipe, 0, None)
+        wanted = spec.channels_last
+        self.channels_last = uses_channels_last(self.model) if wanted == "auto" else bool(wanted)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            acc.register_save_state_pre_hook(_contiguous_weights)
         # every stage's selectors are resolved now, so a typo in a late stage fails before any training
         for index in range(1, len(spec.stages)):
             stages.check_stage_rules(self.model, recipe, index)
@@ -431,12 +481,13 @@ class Trainer:
             self.val_ds = None if isinstance(self.val_data, DataLoader) or self.val_data is None else self.val_data
             names = getattr(self.train_ds, "classes", None)
             self.class_names = list(names) if names else None
+        workers = resolve_num_workers(data.num_workers)
         if self.train_ds is not None:
             if needs_seeding(self.train_ds):
                 self.seeded = SeededDataset(self.train_ds, spec.seed)
             self.sampler = EpochSampler(len(self.train_ds), spec.seed)  # type: ignore[arg-type]
             source = self.seeded if self.seeded is not None else self.train_ds
-            loader = _as_loader(source, spec.batch_size, self.sampler, data.num_workers, training=True)
+            loader = _as_loader(source, spec.batch_size, self.sampler, workers, training=True)
         else:
             assert isinstance(self.train_data, DataLoader)
             loader = self.train_data  # a caller's DataLoader, used as it is
@@ -444,9 +495,7 @@ class Trainer:
         if isinstance(self.val_data, DataLoader):
             self.data_loaders["val"] = acc.prepare_data_loader(self.val_data)
         elif self.val_ds is not None:
-            self.data_loaders["val"] = acc.prepare_data_loader(
-                _as_loader(self.val_ds, spec.batch_size, None, data.num_workers)
-            )
+            self.data_loaders["val"] = acc.prepare_data_loader(_as_loader(self.val_ds, spec.batch_size, None, workers))
         if len(self.data_loaders["train"]) == 0:
             raise DataError("the training data is empty: add images (or samples) to train on")
 
@@ -522,7 +571,8 @@ class Trainer:
             module, self.loaders = model, self.data_loaders
         # A new stage may change what trains; DDP only reduces gradients of the parameters that required them when
         # it was built, so the module is wrapped again (DDP broadcasts rank 0's weights, which all ranks share).
-        if self.net is not None and (acc.num_processes > 1 or acc.unwrap_model(self.net) is not module):
+        unwrapped = acc.unwrap_model(self.net, keep_torch_compile=False) if self.net is not None else None
+        if self.net is not None and (acc.num_processes > 1 or unwrapped is not module):
             acc.unwrap_model(self.net, keep_fp32_wrapper=False)
         acc.free_memory()
         self.net, self.optimizer = acc.prepare(module, self._base_optimizer())
@@ -590,6 +640,12 @@ class Trainer:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the model's memory format (channels-last when on); other inputs as they are."""
+        if self.channels_last and isinstance(x, torch.Tensor) and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def _interrupt_requested(self) -> bool:
         assert self.acc is not None
         flag = self.interrupted
@@ -645,6 +701,7 @@ class Trainer:
         batch_index = skip
         for batch in loader:
             x, y = split_batch(batch)
+            x = self._input(x)
             with acc.accumulate(net):
                 seed_step(mix(spec.seed, epoch, batch_index, acc.process_index), acc.device)
                 if self.scheduler is not None:
@@ -711,14 +768,14 @@ class Trainer:
         val = self.loaders.get("val")
         if val is None or ((state.epoch + 1) % self.spec.eval_every_epochs and not last):
             return metrics
-        metrics.update(evaluate(acc, self.net, val, self.loss))
+        metrics.update(evaluate(acc, self.net, val, self.loss, to_input=self._input))
         if self.ema is not None:
             ema_net = self.ema.module
             if self.cache_reason is None:
                 head = feature_cache.head_path(self.plan)
                 assert head is not None
                 ema_net = ema_net.get_submodule(head)
-            metrics.update(evaluate(acc, ema_net, val, self.loss, prefix="ema_"))
+            metrics.update(evaluate(acc, ema_net, val, self.loss, prefix="ema_", to_input=self._input))
         return metrics
 
     def _save_checkpoint(self) -> Path | None:
@@ -778,6 +835,7 @@ class Trainer:
             "frozen_params": self.plan.frozen_params,
             "class_names": self.class_names,
             "skipped_images": skipped,
+            "channels_last": self.channels_last,
             "history": state.history,
         }
         if self.out is not None and acc.is_main_process:
