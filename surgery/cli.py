@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from surgery.errors import RecipeError, SurgeryError
 
@@ -144,7 +143,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe = load_cli_recipe(args.recipe, args.overrides, model=args.model, num_classes=args.num_classes)
     if recipe.model is None:
         raise RecipeError(f"{recipe.source}: the recipe has no model: add model.name to it or pass --model NAME")
-    model = build_model(recipe.model, meta=True, recipe_dir=Path(recipe.source).parent, where=recipe.where("model"))
+    model = build_model(recipe.model, meta=True, where=recipe.where("model"))
     stages = plan_stages(model, recipe)
     first = stages[0][1]
     reason = feature_cache_reason(first, recipe)
@@ -171,7 +170,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from surgery.schema import json_schema
+    from surgery.recipe import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from surgery.errors import ModelError, SurgeryError
-from surgery.schema import ModelSpec
+from surgery.recipe import ModelSpec
 
 TORCHVISION = "torchvision:"
 HF_HUB = "hf-hub:"
@@ -97,7 +97,6 @@ def build_model(
     spec: ModelSpec,
     *,
     meta: bool = False,
-    recipe_dir: Path | None = None,
     where: str = "model",
 ) -> nn.Module:
     """Build the model of a recipe's ``model:`` section (see module docstring).
@@ -137,10 +136,8 @@ def build_model(
         with_kwargs = f" with kwargs {', '.join(map(str, spec.kwargs))}" if spec.kwargs else ""
         raise ModelError(f"{key}: cannot build {spec.name!r}{with_kwargs}: {_first_line(err)}{hint}") from None
     if spec.checkpoint and not meta:
-        path = Path(spec.checkpoint)
-        if not path.is_absolute() and recipe_dir is not None:
-            path = recipe_dir / path
-        load_checkpoint(model, path, where=f"{where}.checkpoint")
+        # a loaded recipe's paths are absolute (surgery.paths); a ModelSpec made in Python is relative to the cwd
+        load_checkpoint(model, Path(spec.checkpoint), where=f"{where}.checkpoint")
     return model
 
 

@@ -16,7 +16,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
 from surgery.errors import RecipeError
-from surgery.schema import OptimSpec, TrainSpec
+from surgery.recipe import OptimSpec, TrainSpec
 
 
 def build_optimizer(groups: list[dict[str, Any]], spec: OptimSpec, *, where: str = "optim") -> torch.optim.Optimizer:

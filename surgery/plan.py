@@ -22,8 +22,7 @@ from surgery import heads as heads_mod
 from surgery import norms as norms_mod
 from surgery.errors import HeadError, NothingTrainableError, SurgeryError
 from surgery.layers import Layer, layer_of, layers_from_names
-from surgery.recipe import LoadedRecipe, load_recipe, with_num_classes
-from surgery.schema import HeadSpec, Recipe
+from surgery.recipe import HeadSpec, LoadedRecipe, Recipe, load_recipe, with_num_classes
 from surgery.select import describe, select
 
 RecipeLike = Recipe | Mapping[str, Any] | str | Path
@@ -429,15 +428,21 @@ def _plan_norms(
         kind = type(bn).__name__
         if isinstance(bn, norms_mod.StatsFixed):  # fixed by an earlier plan (a previous training stage)
             if policy == "train" or (policy != "eval" and not frozen):
-                base = type(norms_mod.release(bn)).__name__
+                base = norms_mod.released_class(type(bn)).__name__
                 changes.append(NormChange(path, kind, "train", base, f"norm: {policy}, parameters trainable again"))
             continue
+        fixable = norms_mod.stats_fixed_class(type(bn)) is not None
         if policy == "train":
             drifting += frozen
+        elif (policy == "eval" or frozen) and not fixable and not (policy == "frozen" and _freezable(bn)):
+            warnings.append(  # a custom BatchNorm class: say so rather than build a class at run time
+                f"{path}: {kind} has no stats-fixed form, so its running statistics keep updating in training; "
+                "use a standard BatchNorm class, or surgery.norm=frozen for a BatchNorm2d subclass"
+            )
         elif policy == "eval":
             reason = "norm: eval" if not frozen else "norm: eval, parameters frozen"
             changes.append(NormChange(path, kind, "eval", f"StatsFixed{kind}", reason))
-        elif frozen and policy == "frozen" and isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d | nn.SyncBatchNorm):
+        elif frozen and policy == "frozen" and _freezable(bn):
             changes.append(NormChange(path, kind, "frozen", norms_mod.frozen_class_name(bn), "norm: frozen"))
             for n in own:
                 decided[n] = f"{decided[n]}; norm: frozen"
@@ -463,6 +468,10 @@ def _plan_norms(
             "training; use norm: auto to keep them fixed"
         )
     return changes
+
+
+def _freezable(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d | nn.SyncBatchNorm)
 
 
 def _siblings(path: str, trainable: Mapping[str, bool]) -> list[str]:

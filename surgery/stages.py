@@ -12,8 +12,7 @@ from torch import nn
 from surgery.apply import apply_plan
 from surgery.layers import layers_from_names
 from surgery.plan import Plan, plan
-from surgery.recipe import LoadedRecipe
-from surgery.schema import Rule, StageSpec, TrainSpec
+from surgery.recipe import LoadedRecipe, Rule, StageSpec, TrainSpec
 from surgery.select import select
 
 

@@ -475,8 +475,7 @@ class _Trainer:
         from surgery.models import build_model
 
         where = self.recipe.where("model")
-        recipe_dir = Path(self.recipe.source).parent if not self.recipe.source.startswith("<") else None
-        return build_model(self.recipe.model, recipe_dir=recipe_dir, where=where)
+        return build_model(self.recipe.model, where=where)
 
     def _build_data(self, report: Any) -> None:
         spec, data, acc = self.spec, self.recipe.data, self.acc

@@ -15,7 +15,7 @@ import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ import yaml
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from surgery.errors import RecipeError
-from surgery.schema import Recipe
+from surgery.paths import resolve_paths
+from surgery.recipe.schema import Recipe
 
 REPLACE = "_replace_"
 Path_ = tuple[str | int, ...]
@@ -36,6 +37,8 @@ class Origin:
 
     source: str
     line: int | None = None
+    folder: Path | None = field(default=None, compare=False)
+    """The folder of the recipe file (relative paths it writes start there); None for overrides and mappings."""
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}" if self.line else self.source
@@ -74,8 +77,11 @@ def dotted(path: Sequence[str | int]) -> str:
 _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
 
 
-def _read_yaml(text: str, source: str) -> tuple[Any, dict[Path_, Origin]]:
-    """Parse YAML into plain data plus the line of every key and list item, rejecting anything but plain types."""
+def _read_yaml(text: str, source: str, folder: Path | None = None) -> tuple[Any, dict[Path_, Origin]]:
+    """Parse YAML into plain data plus the line of every key and list item, rejecting anything but plain types.
+
+    ``folder`` is the folder of the file the text comes from (None for overrides): relative paths start there.
+    """
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -90,7 +96,7 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[Path_, Origin]]:
         return {}, origins
 
     def walk(n: yaml.Node, path: Path_) -> Any:
-        origins[path] = Origin(source, n.start_mark.line + 1)
+        origins[path] = Origin(source, n.start_mark.line + 1, folder)
         if n.tag not in _SAFE_TAGS and n.tag != "tag:yaml.org,2002:timestamp":
             raise RecipeError(
                 f"{source}:{n.start_mark.line + 1}: {dotted(path) or '<top>'}: YAML tag {n.tag!r} is not allowed; "
@@ -109,9 +115,9 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[Path_, Origin]]:
                         f"{source}:{key_node.start_mark.line + 1}: {dotted((*path, key))}: duplicate key; "
                         "each key may appear once in a mapping"
                     )
-                origins[(*path, key)] = Origin(source, key_node.start_mark.line + 1)
+                origins[(*path, key)] = Origin(source, key_node.start_mark.line + 1, folder)
                 out[key] = walk(value_node, (*path, key))
-                origins[(*path, key)] = Origin(source, key_node.start_mark.line + 1)
+                origins[(*path, key)] = Origin(source, key_node.start_mark.line + 1, folder)
             return out
         if isinstance(n, yaml.SequenceNode):
             return [walk(item, (*path, i)) for i, item in enumerate(n.value)]
@@ -203,7 +209,7 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dic
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise RecipeError(f"{path}: cannot read recipe: {err.strerror}") from None
-    data, origins = _read_yaml(text, str(path))
+    data, origins = _read_yaml(text, str(path), path.parent)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}:1: a recipe is a mapping of sections (model:, surgery:, ...), not a {_kind(data)}")
     parents = data.pop("extends", None)
@@ -262,6 +268,8 @@ def apply_override(data: dict[str, Any], override: str, origins: dict[Path_, Ori
             origins[tuple(parts[: i + 1])] = Origin(where)
         if last:
             node[part] = value
+            for stale in [k for k in origins if k[: i + 1] == tuple(parts)]:  # the file no longer wrote these
+                del origins[stale]
         else:
             node = node[part]
     origins[tuple(parts)] = Origin(where)
@@ -420,6 +428,7 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
     data = _copy(data)
     for override in overrides:
         apply_override(data, override, origins)
+    resolve_paths(data, lambda key: origins[key].folder if key in origins else None)  # the one path rule
     return validate(data, origins, name)
 
 
@@ -451,7 +460,7 @@ def with_num_classes(recipe: LoadedRecipe, num_classes: int, *, source: str = "n
 def resolved_data(recipe: Recipe, *, predicates: str = "error") -> dict[str, Any]:
     """The fully resolved recipe as plain JSON-ready data, for the copies runs and adapters keep.
 
-    Paths become absolute as the run resolves them (``model.checkpoint`` relative to the recipe file, ``data.root`` to
+    Paths are absolute (:mod:`surgery.paths`: a loaded recipe's already are; a plain :class:`Recipe` resolves against
     the working folder), so the copy rebuilds the same run from anywhere. A Python predicate (``which=callable``) is
     not data: ``predicates="error"`` refuses it, ``"repr"`` writes its repr (a record, not loadable).
     """
@@ -467,14 +476,7 @@ def resolved_data(recipe: Recipe, *, predicates: str = "error") -> dict[str, Any
     data = json.loads(json.dumps(recipe.model_dump(by_alias=True, exclude_none=True), default=default))
     if data.get("train", {}).get("stages"):
         data["train"].pop("epochs", None)  # stages carry their epochs; both keys together are refused
-    source = getattr(recipe, "source", "<mapping>")
-    checkpoint = (data.get("model") or {}).get("checkpoint")
-    if checkpoint and not Path(checkpoint).is_absolute():
-        base = Path(source).parent if not source.startswith("<") else Path.cwd()
-        data["model"]["checkpoint"] = str((base / checkpoint).resolve())
-    root = data.get("data", {}).get("root")
-    if root:
-        data["data"]["root"] = str(Path(root).expanduser().resolve())
+    resolve_paths(data)
     return data
 
 
