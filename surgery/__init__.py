@@ -54,6 +54,9 @@ _EXPORTS: dict[str, str] = {
     "builtin_recipes": "surgery.recipe",
     "load_recipe": "surgery.recipe",
     "with_num_classes": "surgery.recipe",
+    "with_head_classes": "surgery.recipe",
+    "RecipePlan": "surgery.render",
+    "plan_recipe": "surgery.render",
     "DataSpec": "surgery.recipe",
     "HeadSpec": "surgery.recipe",
     "HubSpec": "surgery.recipe",
@@ -129,6 +132,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
         builtin_recipes,
         json_schema,
         load_recipe,
+        with_head_classes,
         with_num_classes,
     )
+    from surgery.render import RecipePlan, plan_recipe  # noqa: F401
     from surgery.train import train  # noqa: F401

@@ -16,9 +16,11 @@ from surgery.recipe.load import (
     builtin_recipes,
     dotted,
     load_recipe,
+    recipe_description,
     resolve_recipe_path,
     resolved_data,
     validate,
+    with_head_classes,
     with_num_classes,
 )
 from surgery.recipe.schema import (
@@ -59,8 +61,10 @@ __all__ = [
     "dotted",
     "json_schema",
     "load_recipe",
+    "recipe_description",
     "resolve_recipe_path",
     "resolved_data",
     "validate",
+    "with_head_classes",
     "with_num_classes",
 ]

@@ -137,6 +137,13 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.name[: -len(".yaml")]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
+def recipe_description(path: Path) -> str:
+    """The ``description:`` of a recipe file, read with the YAML reader (empty when it has none)."""
+    data, _ = _read_yaml(path.read_text(encoding="utf-8"), str(path), path.parent)
+    text = data.get("description") if isinstance(data, dict) else None
+    return " ".join(str(text).split()) if text else ""
+
+
 def resolve_recipe_path(ref: str, base: Path | None = None, *, origin: str = "recipe") -> Path:
     """A recipe reference is a path (relative to ``base``) or the name of a built-in recipe."""
     candidates = []
@@ -209,6 +216,10 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dic
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise RecipeError(f"{path}: cannot read recipe: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            f"{path}: not a recipe: byte {err.start} is not UTF-8 text; a recipe is a YAML text file"
+        ) from None
     data, origins = _read_yaml(text, str(path), path.parent)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}:1: a recipe is a mapping of sections (model:, surgery:, ...), not a {_kind(data)}")
@@ -455,6 +466,19 @@ def with_num_classes(recipe: LoadedRecipe, num_classes: int, *, source: str = "n
     filled = recipe.model_copy(update={"surgery": recipe.surgery.model_copy(update={"heads": heads})})
     filled._origins, filled._source = recipe._origins, recipe._source
     return filled
+
+
+def with_head_classes(recipe: LoadedRecipe, num_classes: int, *, source: str = "--num-classes") -> LoadedRecipe:
+    """:func:`with_num_classes`, adding a new ``heads.classifier`` when the recipe replaces no head (``--num-classes``
+    on a recipe without heads asks for one)."""
+    if not recipe.surgery.heads and num_classes >= 1:
+        from surgery.recipe.schema import HeadSpec
+
+        heads = {"classifier": HeadSpec(num_classes=num_classes)}
+        added = recipe.model_copy(update={"surgery": recipe.surgery.model_copy(update={"heads": heads})})
+        added._origins, added._source = recipe._origins, recipe._source
+        return added
+    return with_num_classes(recipe, num_classes, source=source)
 
 
 def resolved_data(recipe: Recipe, *, predicates: str = "error") -> dict[str, Any]:

@@ -202,6 +202,17 @@ class OptimSpec(_Section):
         le=1,
         description="Layer-wise lr decay: layer i of n gets `lr * layer_decay ** (n - 1 - i)` (timm's groups).",
     )
+    momentum: float | None = Field(
+        None,
+        ge=0,
+        description="Momentum of optimizers that have one (`sgd`, `momentum`, `rmsprop`...). Unset: timm's default, "
+        "0.9. `surgery plan` prints the resolved optimizer with every argument.",
+    )
+    nesterov: bool | None = Field(
+        None,
+        description="Nesterov momentum for `sgd`. Unset: timm's default for the name (`sgd`: true, off when "
+        "`momentum: 0`; `momentum`: false).",
+    )
     decay_norm_and_bias: bool = Field(
         False, description="Apply weight decay to 1-D parameters (norm weights, biases) and `no_weight_decay()` names."
     )
