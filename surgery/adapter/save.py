@@ -91,10 +91,10 @@ def expected_tensors(model: nn.Module, plans: Sequence[Plan]) -> tuple[dict[str,
 def replay(model: nn.Module, recipe: Any) -> list[Plan]:
     """Apply every stage of ``recipe`` to a base ``model`` through :func:`surgery.stages.plan_stages` (the one stage
     replay), without touching the caller's random number generator (new heads are initialized, then overwritten)."""
-    from surgery.stages import plan_stages
+    from surgery import stages  # looked up at call time: stages.plan_stages calls stages.plan_stage, the one replay
 
     with torch.random.fork_rng(devices=[]):
-        return [p for _, p in plan_stages(model, recipe)]
+        return [p for _, p in stages.plan_stages(model, recipe)]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
