@@ -284,7 +284,7 @@ MALFORMED: list[tuple[str, str, list[str], str]] = [
         "model.kwargs: 'test_resnet' does not accept these arguments",
     ),
     ("no-model", "surgery:\n" + HEAD, [], "the recipe has no model: add model.name to it or pass --model NAME"),
-    ("num-classes-zero", MODEL, ["--num-classes", "0"], "--num-classes: must be at least 1, got 0"),
+    ("num-classes-zero", MODEL, ["--num-classes", "0"], "--num-classes: the class count must be at least 1, got 0"),
     ("unknown-flag", MODEL, ["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ("model-shorthand-wrong-type", "model: [resnet18]\n", [], "model: input should be a valid dictionary"),
 ]
