@@ -236,11 +236,30 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dic
         where = origins.get(("extends", i)) or origins.get(("extends",))
         parent_path = resolve_recipe_path(ref, path.parent, origin=f"{where}: extends")
         pdata, porigins = _load_file(parent_path, (*chain, path))
-        merged_origins.update(_merge_origins(merged, pdata, porigins))
+        merged_origins.update(_merge_origins(merged, pdata, _replaced_origins(merged_origins, pdata, porigins)))
         merged = _merge(merged, pdata)
     origins = {k: v for k, v in origins.items() if k[:1] != ("extends",)}
-    merged_origins.update(_merge_origins(merged, data, origins))
+    merged_origins.update(_merge_origins(merged, data, _replaced_origins(merged_origins, data, origins)))
     return _merge(merged, data), merged_origins
+
+
+def _replaced_paths(data: Any, path: Path_ = ()) -> list[Path_]:
+    """Where ``data`` holds ``{_replace_: VALUE}`` (as paths of the merged data, without the ``_replace_`` key)."""
+    if not isinstance(data, dict):
+        return []
+    if set(data) == {REPLACE}:
+        return [path, *_replaced_paths(data[REPLACE], path)]
+    return [p for key, value in data.items() for p in _replaced_paths(value, (*path, key))]
+
+
+def _replaced_origins(merged: dict[Path_, Origin], child: Any, origins: dict[Path_, Origin]) -> dict[Path_, Origin]:
+    """A ``{_replace_: ...}`` in ``child`` replaces what the parents wrote there: forget their origins under it (in
+    ``merged``, in place) and return ``origins`` keyed by the merged layout (no ``_replace_`` in the paths), so an
+    error in a replaced value names the file and line that replaced it."""
+    for path in _replaced_paths(child):
+        for key in [k for k in merged if k[: len(path)] == path and len(k) > len(path)]:
+            del merged[key]
+    return {tuple(part for part in key if part != REPLACE): origin for key, origin in origins.items()}
 
 
 def _kind(value: Any) -> str:
