@@ -93,3 +93,18 @@ def test_stats_move_is_what_training_does(policy: str) -> None:
         assert moving == [], "norm: eval fixes every BatchNorm's statistics"
     else:
         assert "bn1" not in moving and any(p.startswith("layer4") for p in moving)
+
+
+class _CustomBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm class of someone else's: no stats-fixed form is defined for it."""
+
+
+def test_a_batchnorm_class_without_a_stats_fixed_form_is_named_not_converted_at_run_time() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _CustomBatchNorm(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    p = surgery.apply(model, {"surgery": {"rules": [{"freeze": "*"}, {"unfreeze": "4"}]}})
+    assert any("1: _CustomBatchNorm has no stats-fixed form" in w for w in p.warnings), p.warnings
+    assert type(model[1]) is _CustomBatchNorm and stats_move(model[1]), "left as it is, and said so"
+    frozen = surgery.apply(
+        copy.deepcopy(model), {"surgery": {"norm": "frozen", "rules": [{"freeze": "*"}, {"unfreeze": "4"}]}}
+    )
+    assert [n.becomes for n in frozen.norms] == ["FrozenBatchNorm2d"], "norm: frozen still converts a BatchNorm2d"
