@@ -254,7 +254,7 @@ def plan(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None
     wd_set: dict[str, float] = {}
     for i, rule in enumerate(spec.rules):
         label = rule.name or f"rules[{i}] {rule.action} {describe(rule.selector)}"
-        where = recipe.where("surgery", "rules", i, rule.action)
+        where = rule._where or recipe.where("surgery", "rules", i, rule.action)
         chosen = select(rule.selector, names, layers, where=where)
         if rule.action in ("freeze", "unfreeze"):
             want = rule.action == "unfreeze"

@@ -116,3 +116,23 @@ def test_stage_rule_errors_are_located_where_written_through_extends(tmp_path: P
     )
     with pytest.raises(NoMatchingParameterError, match=r"child\.yaml:6: train\.stages\[0\]\.rules\[0\]\.select"):
         surgery.plan_recipe(child)
+
+
+def test_a_first_stage_rule_may_select_the_new_head_and_its_typos_are_located(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    text = (
+        "model: test_resnet\n"
+        "surgery:\n"
+        "  rules: [{freeze: '*'}]\n"
+        "  heads: {fc: {num_classes: 3, type: mlp, hidden: [16]}}\n"
+        "train:\n"
+        "  stages:\n"
+        "    - epochs: 1\n"
+        "      rules: [{select: 'fc.0.*', weight_decay: 0.5}]\n"
+    )
+    recipe.write_text(text)
+    first = surgery.plan_recipe(recipe).plan
+    assert first["fc.0.weight"].trainable and first["fc.0.weight"].weight_decay == 0.5
+    recipe.write_text(text.replace("fc.0.*", "fcc.0.*"))
+    with pytest.raises(NoMatchingParameterError, match=r"r\.yaml:8: train\.stages\[0\]\.rules\[0\]\.select"):
+        surgery.plan_recipe(recipe)

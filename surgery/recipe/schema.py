@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from surgery.paths import PATH_FORMAT
@@ -95,6 +95,9 @@ _SELECTOR_HELP = (
 
 class Rule(_Section):
     """One step of the surgery. Rules apply in order; for each parameter, the last rule that selects it wins."""
+
+    _where: str | None = PrivateAttr(None)
+    """Where the rule is written when it is not at its index of ``surgery.rules`` (a stage's rule): errors name it."""
 
     freeze: Selector | None = Field(
         None, description="Freeze these parameters (requires_grad=False). " + _SELECTOR_HELP
