@@ -13,11 +13,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from surgery.norms import StatsFixed
+from surgery.norms import stats_move
 from surgery.plan import Plan
-from surgery.schema import Recipe
+from surgery.recipe import Recipe
 
 
 def head_path(plan: Plan) -> str | None:
@@ -63,7 +62,7 @@ def _random_modules(model: nn.Module, head: str) -> Iterable[str]:
         p = getattr(m, "p", None) if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
         if p:
             yield f"{name or 'model'} ({type(m).__name__} p={p})"
-        if isinstance(m, _BatchNorm) and m.track_running_stats and not isinstance(m, StatsFixed):
+        if stats_move(m):
             yield f"{name} (BatchNorm updating its statistics)"
 
 

@@ -357,6 +357,11 @@ class Trainer:
                 self.checkpoint = None  # --overwrite: the earlier run's checkpoints are dropped, not resumed
         self.report = self._validate_data()  # bad data is reported before any model is built or trained
         self._fill_num_classes()
+        self.img_size_note: str | None = None
+        if self.user_model is None:  # a fixed-size model (ViT) is built for data.img_size, as `surgery plan` shows
+            from surgery.models import fit_img_size
+
+            self.recipe, self.img_size_note = fit_img_size(self.recipe)
         if self.checkpoint is not None:
             self.checkpoint.check_recipe(_recipe_record(self.recipe))
             self.state = self.checkpoint.state
@@ -369,6 +374,8 @@ class Trainer:
         self.acc = acc = _make_accelerator(recipe, self.out)
         set_seed(spec.seed, deterministic=spec.deterministic)
         self.model = self._build_model()
+        if self.img_size_note:
+            log.info(self.img_size_note)
         if self.out is not None:
             from surgery import adapter
 
@@ -462,8 +469,7 @@ class Trainer:
         from surgery.models import build_model
 
         where = self.recipe.where("model")
-        recipe_dir = Path(self.recipe.source).parent if not self.recipe.source.startswith("<") else None
-        return build_model(self.recipe.model, recipe_dir=recipe_dir, where=where)
+        return build_model(self.recipe.model, where=where)  # paths are absolute after load_recipe (surgery.paths)
 
     def _build_data(self) -> None:
         spec, data, acc = self.spec, self.recipe.data, self.acc
