@@ -126,9 +126,7 @@ def plan_recipe(
 def _count_classes(recipe: LoadedRecipe) -> int | None:
     """The number of class folders under ``data.root``'s training folder, listed as training lists them; None when
     there is no such folder (planning then names the head that needs a count)."""
-    from timm.data import get_img_extensions
-
-    from surgery.data import _class_files
+    from surgery.data import class_names
 
     data = recipe.data
     if not data.root:
@@ -136,7 +134,7 @@ def _count_classes(recipe: LoadedRecipe) -> int | None:
     train = Path(data.root) / data.train_dir
     if not train.is_dir():
         return None
-    return len(_class_files(train, get_img_extensions(as_set=True)))
+    return len(class_names(train))
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:

@@ -97,6 +97,13 @@ def _split_dir(root: Path, name: str, which: str) -> Path:
     return path
 
 
+def class_names(split: Path) -> list[str]:
+    """The class folder names of a split, as training lists them (for planning before any image is read)."""
+    from timm.data import get_img_extensions
+
+    return list(_class_files(split, get_img_extensions(as_set=True)))
+
+
 def _class_files(split: Path, exts: set[str]) -> dict[str, list[Path]]:
     """Class folder name -> sorted image files below it (recursive; hidden entries ignored)."""
     classes = sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
