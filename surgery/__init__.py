@@ -52,6 +52,10 @@ _EXPORTS: dict[str, str] = {
     "plan": "surgery.plan",
     "builtin_recipes": "surgery.recipe",
     "load_recipe": "surgery.recipe",
+    "LoraSpec": "surgery.lora",
+    "MultiAdapterModel": "surgery.lora",
+    "load_peft": "surgery.lora",
+    "save_peft": "surgery.lora",
     "HeadSpec": "surgery.schema",
     "LayerRange": "surgery.schema",
     "ModelSpec": "surgery.schema",
@@ -105,6 +109,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
         RecipeError,
         SurgeryError,
     )
+    from surgery.lora import LoraSpec, MultiAdapterModel, load_peft, save_peft  # noqa: F401
     from surgery.models import build_model  # noqa: F401
     from surgery.plan import HeadChange, NormChange, ParamPlan, Plan, plan  # noqa: F401
     from surgery.recipe import builtin_recipes, load_recipe  # noqa: F401
