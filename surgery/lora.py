@@ -267,14 +267,12 @@ def lora_config(
     modules_to_save = list(modules_to_save)
     _check_modules_to_save(model, modules_to_save, where=_at(where))
     targets = resolve_targets(model, spec, modules_to_save=modules_to_save, where=where)
-    all_names = [n for n, _ in model.named_modules() if n]
-    exact = [k.removeprefix("^") for k in _exact_keys(targets, all_names)]
-    if all(k == re.escape(n) for k, n in zip(exact, targets, strict=True)) and not any(
-        other not in targets and any(other.endswith("." + t) for t in targets) for other in all_names
-    ):
+    chosen = set(targets)
+    others = [n for n, _ in model.named_modules() if n and n not in chosen]
+    if not any(other.endswith("." + t) for other in others for t in targets):
         target_modules: list[str] | str = list(targets)  # PEFT: `name in list or name.endswith('.' + entry)`
-    else:
-        target_modules = "(" + "|".join(re.escape(t) for t in targets) + ")"  # a str is matched with re.fullmatch
+    else:  # a suffix would also take another module: a str is matched with re.fullmatch instead
+        target_modules = "(" + "|".join(re.escape(t) for t in targets) + ")"
     alpha = spec.alpha if spec.alpha is not None else float(spec.rank)
     return LoraConfig(
         r=spec.rank,

@@ -205,6 +205,40 @@ def test_layer_ranges_rank_pattern_and_config_are_exact() -> None:
         lora.lora_config(_build("vit"), {"targets": "blocks.*.attn.qkv", "rank_pattern": {"nope": 2}})
 
 
+def test_dora_rslora_and_bias_round_trip_through_peft(tmp_path: Path) -> None:
+    model = _build("vit")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = {"targets": ["blocks.*.attn.qkv", "blocks.*.mlp.fc2"], "use_dora": True, "use_rslora": True, "bias": "all"}
+    pm = lora.inject(model, spec, heads=["head"])
+    kinds = {r.kind for r in lora.lora_parameters(pm)}
+    assert kinds == {"lora", "saved", "bias"}
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    nn.functional.cross_entropy(pm(_input("vit", 4)), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    pm.eval()
+    x = _input("vit")
+    with torch.no_grad():
+        expected = pm(x)
+    folder = lora.save_peft(pm, tmp_path / "dora", base_name="timm/test_vit")
+    in_peft = peft.PeftModel.from_pretrained(_fresh("vit", base_state), str(folder)).eval()
+    ours = lora.load_peft(_fresh("vit", base_state), folder)
+    with torch.no_grad():
+        torch.testing.assert_close(in_peft(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=0)
+        merged = lora.merge(ours)(x)
+    assert (merged - expected).abs().max() <= MERGE_TOL * max(1.0, expected.abs().max().item())
+
+
+def test_targets_a_suffix_would_confuse_become_an_exact_regex() -> None:
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(4, 4))
+    model.add_module("block", nn.Sequential())
+    model.block.add_module("fc", nn.Linear(4, 4))
+    config = lora.lora_config(model, {"targets": "fc"})
+    assert config.target_modules == "(fc)"  # PEFT's list form would also adapt block.fc
+    assert lora.lora_config(model, {"targets": "block.fc"}).target_modules == {"block.fc"}
+
+
 def test_save_refuses_a_trainable_parameter_peft_would_drop(tmp_path: Path) -> None:
     pm, _ = _adapted("vit")
     pm.get_submodule("base_model.model.blocks.0.norm1").weight.requires_grad_(True)
