@@ -17,6 +17,7 @@ A LoRA model is a ``peft.PeftModel`` around the timm model; :func:`merge` gives 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -463,6 +464,28 @@ def lora_parameters(model: nn.Module) -> list[LoraParameter]:
             )
         )
     return out
+
+
+def planned_parameters(
+    model: nn.Module,
+    spec: LoraSpec | Mapping[str, Any],
+    *,
+    heads: Sequence[str] = (),
+    modules_to_save: Sequence[str] = (),
+    where: Where = "lora",
+) -> list[LoraParameter]:
+    """The rows :func:`lora_parameters` would give after :func:`inject`, without touching ``model``.
+
+    PEFT injects into a weightless copy (every tensor on the meta device), so names and shapes are PEFT's own while
+    planning costs no memory. The test forward of :func:`inject` is skipped (nothing to compute on the meta device).
+    """
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    shadow = copy.deepcopy(model, memo)
+    return lora_parameters(inject(shadow, spec, heads=heads, modules_to_save=modules_to_save, where=where))
 
 
 # ---------------------------------------------------------------------------------------------------------- save
@@ -951,6 +974,7 @@ __all__ = [
     "lora_config",
     "lora_parameters",
     "merge",
+    "planned_parameters",
     "read_peft_config",
     "resolve_targets",
     "save_peft",

@@ -192,7 +192,12 @@ def test_layer_ranges_rank_pattern_and_config_are_exact() -> None:
     qkv = [n for n, _ in model.named_modules() if n.endswith("attn.qkv") and not n.startswith("blocks.0.")]
     assert sorted(config.target_modules) == sorted(qkv)
     assert config.lora_alpha == 8 and config.rank_pattern == {"blocks\\.1\\.attn\\.qkv": 2}
+    planned = lora.planned_parameters(model, spec, heads=["head"])  # PEFT on a weightless copy
+    assert not lora.is_peft(model) and all(p.device.type == "cpu" for p in model.parameters())
     pm = lora.inject(model, spec, heads=["head"])
+    assert [(r.name, r.numel, r.layer) for r in planned] == [
+        (r.name, r.numel, r.layer) for r in lora.lora_parameters(pm)
+    ]
     shapes = {r.key: r for r in lora.lora_parameters(pm)}
     assert pm.get_submodule("base_model.model.blocks.1.attn.qkv").lora_A["default"].weight.shape[0] == 2
     assert shapes["blocks.1.attn.qkv.lora_A.weight"].layer_name == "blocks.1"
