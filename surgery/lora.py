@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -37,6 +37,9 @@ from surgery.errors import AdapterError, ModelError, NoMatchingParameterError, R
 from surgery.layers import layer_of, layers_from_names
 from surgery.schema import LayerRange, Selector
 from surgery.select import _closest, match_patterns, select_layers
+
+if TYPE_CHECKING:  # peft (and the transformers it imports) loads on first use, not with `import surgery.lora`
+    from peft import LoraConfig, PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +260,7 @@ def lora_config(
     *,
     modules_to_save: Sequence[str] = (),
     where: Where = "lora",
-) -> Any:
+) -> LoraConfig:
     """The ``peft.LoraConfig`` of a spec on this model: targets resolved to exact module names.
 
     ``modules_to_save`` are module paths that train whole and are saved with the adapter (the new heads).
@@ -343,7 +346,7 @@ def inject(
     adapter_name: str = "default",
     sample: torch.Tensor | None = None,
     where: Where = "lora",
-) -> Any:
+) -> PeftModel:
     """Wrap ``model`` in a ``peft.PeftModel`` with LoRA on the spec's targets; returns the PeftModel.
 
     ``heads`` (new heads, already in place) and ``modules_to_save`` (other modules to train whole) become PEFT
@@ -625,7 +628,7 @@ def _urls(value: Any) -> Iterator[str]:
             yield from _urls(v)
 
 
-def check_peft_config(data: Any, *, where: str) -> Any:
+def check_peft_config(data: Any, *, where: str) -> LoraConfig:
     """A ``peft.LoraConfig`` from the parsed ``adapter_config.json`` of an untrusted folder, checked key by key."""
     from peft import LoraConfig
 
@@ -715,7 +718,7 @@ def check_peft_config(data: Any, *, where: str) -> Any:
     )
 
 
-def read_peft_config(folder: str | os.PathLike) -> Any:
+def read_peft_config(folder: str | os.PathLike) -> LoraConfig:
     """The checked ``LoraConfig`` of an adapter folder (see :func:`check_peft_config`)."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
@@ -776,7 +779,7 @@ def _check_fit(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch
             )
 
 
-def _add(peft_model: Any, folder: Path, name: str, *, trainable: bool, fit_heads: bool = False) -> None:
+def _add(peft_model: PeftModel, folder: Path, name: str, *, trainable: bool, fit_heads: bool = False) -> None:
     """Load one checked adapter folder into an existing PeftModel under ``name``."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -798,7 +801,7 @@ def _add(peft_model: Any, folder: Path, name: str, *, trainable: bool, fit_heads
                 param.requires_grad_(False)
 
 
-def _fit_heads(peft_model: Any, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+def _fit_heads(peft_model: PeftModel, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
     """Give this adapter's copy of a Linear head the adapter's class count (several tasks on one base)."""
     from peft.utils import ModulesToSaveWrapper
 
@@ -824,7 +827,7 @@ def load_peft(
     *,
     adapter_name: str = "default",
     trainable: bool = False,
-) -> Any:
+) -> PeftModel | MultiAdapterModel:
     """Load a PEFT LoRA adapter folder onto ``base_model`` (modified in place); returns the ``PeftModel``.
 
     Reads folders this module or PEFT itself wrote for a timm model. The folder is untrusted: its config is checked
