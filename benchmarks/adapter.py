@@ -2,10 +2,13 @@
 
 1. A linear-probe adapter of resnet50 with 10 classes against the full model's safetensors file
    (target: adapter under 100 KB, model about 98 MB).
-2. Pushing and pulling a 200 MB file through the project's own hub server (a separate process on 127.0.0.1, driven by
+2. LoRA (PEFT, r=8 on every ``blocks.*.attn.qkv``) on vit_base_patch16_224 with 10 classes: the PEFT adapter's size
+   against the full model's safetensors file (target: under 2%), and the peak memory and step time of training it
+   against full fine-tuning of the same model, each in a fresh process, side by side (target: less memory).
+3. Pushing and pulling a 200 MB file through the project's own hub server (a separate process on 127.0.0.1, driven by
    the real huggingface_hub client) against a plain disk copy of the same file, in MB/s (1 MB = 10^6 bytes).
 
-    HF_HUB_DISABLE_XET=1 python benchmarks/adapter.py [--mb 200] [--rounds 3]
+    HF_HUB_DISABLE_XET=1 python benchmarks/adapter.py [--mb 200] [--rounds 3] [--lora-batch 4] [--lora-steps 3]
 
 Weights are random (pretrained=False, seeded) and saved as the "pretrained" checkpoint: sizes do not depend on values.
 """
@@ -13,9 +16,13 @@ Weights are random (pretrained=False, seeded) and saved as the "pretrained" chec
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +60,119 @@ def adapter_size(work: Path) -> dict[str, float]:
         "save_s": save_s,
         "load_s": load_s,
     }
+
+
+LORA_MODEL = "vit_base_patch16_224"
+LORA_SPEC = {"targets": "blocks.*.attn.qkv", "rank": 8, "alpha": 16}
+
+
+def _vit(num_classes: int = 10):  # noqa: ANN202 - torch is imported lazily
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model(LORA_MODEL, pretrained=False, num_classes=num_classes)
+
+
+def lora_size(work: Path) -> dict[str, float]:
+    """Bytes of the PEFT adapter (LoRA r=8 on qkv + the new head) against the full model's safetensors file."""
+    from safetensors.torch import save_file
+
+    from surgery import lora
+
+    model = _vit()
+    full = work / "vit.safetensors"
+    save_file(model.state_dict(), str(full))
+    pm = lora.inject(model, LORA_SPEC, heads=["head"])
+    rows = lora.lora_parameters(pm)
+    folder = lora.save_peft(pm, work / "lora", base_name=f"timm/{LORA_MODEL}")
+    return {
+        "model_bytes": full.stat().st_size,
+        "adapter_bytes": (folder / "adapter_model.safetensors").stat().st_size,
+        "lora_params": sum(r.numel for r in rows if r.kind == "lora"),
+        "head_params": sum(r.numel for r in rows if r.kind == "saved"),
+        "model_params": sum(p.numel() for n, p in pm.named_parameters() if "modules_to_save" not in n),
+    }
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def lora_train_child(variant: str, batch: int, steps: int) -> dict[str, float]:
+    """One variant in this (fresh) process: AdamW steps on random images; peak RSS and seconds per step."""
+    import torch
+
+    from surgery import lora
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    model = _vit()
+    if variant == "lora":
+        model = lora.inject(model, LORA_SPEC, heads=["head"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(batch) % 10
+    model.train()
+    before = _rss_mib()
+    times = []
+    for _ in range(steps + 1):  # the first step allocates gradients and optimizer state; not timed
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "trainable": sum(p.numel() for p in params),
+        "rss_before_mib": before,
+        "peak_mib": peak,
+        "growth_mib": peak - before,
+        "step_s": statistics.median(times[1:]),
+    }
+
+
+def lora_train(batch: int, steps: int) -> dict[str, dict[str, float]]:
+    """Full fine-tuning and LoRA, each in a fresh process, interleaved (full, lora) on the same machine."""
+    out = {}
+    for variant in ("full", "lora"):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--lora-child",
+            variant,
+            "--lora-batch",
+            str(batch),
+            "--lora-steps",
+            str(steps),
+        ]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def report_lora(work: Path, batch: int, steps: int) -> None:
+    size = lora_size(work)
+    share = size["adapter_bytes"] / size["model_bytes"]
+    print(f"\n{LORA_MODEL}, LoRA r=8 alpha=16 on blocks.*.attn.qkv + new 10-class head (PEFT format)")
+    print(f"  full model.safetensors     {size['model_bytes'] / 1e6:10.2f} MB  ({size['model_params']:,} parameters)")
+    print(
+        f"  adapter_model.safetensors  {size['adapter_bytes'] / 1e6:10.2f} MB  ({share:.2%} of the model; "
+        f"LoRA {size['lora_params']:,} + head {size['head_params']:,} parameters)"
+    )
+    print(f"  target adapter < 2% of the model: {'met' if share < 0.02 else 'NOT met'}")
+    train = lora_train(batch, steps)
+    print(f"\n  training, batch {batch} at 224x224, AdamW, median of {steps} steps after the first, fresh process each")
+    print(f"  {'variant':16} {'trainable':>12} {'peak RSS MiB':>13} {'growth MiB':>11} {'s/step':>8}")
+    for name, row in (("full fine-tune", train["full"]), ("LoRA", train["lora"])):
+        print(
+            f"  {name:16} {row['trainable']:12,} {row['peak_mib']:13.0f} {row['growth_mib']:11.0f} {row['step_s']:8.2f}"
+        )
+    ratio = train["lora"]["peak_mib"] / train["full"]["peak_mib"]
+    speed = train["full"]["step_s"] / train["lora"]["step_s"]
+    print(f"  LoRA peak memory {ratio:.2f}x full fine-tuning, step {speed:.2f}x as fast")
+    print(f"  target less memory than full fine-tuning: {'met' if ratio < 1 else 'NOT met'}")
 
 
 def transfer(work: Path, mb: int, rounds: int) -> dict[str, list[float]]:
@@ -103,8 +223,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="size of the transferred file in MB (default 200)")
     parser.add_argument("--rounds", type=int, default=3, help="transfer rounds; medians are shown (default 3)")
-    parser.add_argument("--skip-transfer", action="store_true", help="only measure the adapter size")
+    parser.add_argument("--skip-transfer", action="store_true", help="only measure the adapter sizes")
+    parser.add_argument("--skip-lora", action="store_true", help="leave out the LoRA measurements")
+    parser.add_argument("--lora-batch", type=int, default=4, help="batch of the LoRA/full training steps (default 4)")
+    parser.add_argument("--lora-steps", type=int, default=3, help="timed training steps per variant (default 3)")
+    parser.add_argument("--lora-child", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lora_child:
+        print(json.dumps(lora_train_child(args.lora_child, args.lora_batch, args.lora_steps)))
+        return
     with tempfile.TemporaryDirectory(prefix="surgery-bench-") as tmp:
         work = Path(tmp)
         size = adapter_size(work)
@@ -118,6 +245,8 @@ def main() -> None:
         print(f"  save {size['save_s']:.2f} s, load (rebuild base + fingerprint + apply + load) {size['load_s']:.2f} s")
         met = "met" if size["adapter_bytes"] < 100_000 else "NOT met"
         print(f"  target adapter < 100 KB: {met}")
+        if not args.skip_lora:
+            report_lora(work, args.lora_batch, args.lora_steps)
         if args.skip_transfer:
             return
         results = transfer(work, args.mb, args.rounds)

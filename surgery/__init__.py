@@ -69,6 +69,10 @@ _EXPORTS: dict[str, str] = {
     "SurgerySpec": "surgery.recipe",
     "TrainSpec": "surgery.recipe",
     "json_schema": "surgery.recipe",
+    "LoraSpec": "surgery.lora",
+    "MultiAdapterModel": "surgery.lora",
+    "load_peft": "surgery.lora",
+    "save_peft": "surgery.lora",
     "train": "surgery.train",
 }
 
@@ -114,6 +118,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
         RecipeError,
         SurgeryError,
     )
+    from surgery.lora import LoraSpec, MultiAdapterModel, load_peft, save_peft  # noqa: F401
     from surgery.models import build_model  # noqa: F401
     from surgery.plan import HeadChange, NormChange, ParamPlan, Plan, plan  # noqa: F401
     from surgery.recipe import (  # noqa: F401
