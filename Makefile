@@ -13,14 +13,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m surgery.demo --out demo-output
+	$(BIN)/python -m tools.demo --out demo-output
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check surgery tests benchmarks examples tools
 
 docs: $(STAMP)
-	$(BIN)/python -m surgery.docgen docs/
+	$(BIN)/python -m tools.docgen docs/
 	$(BIN)/mkdocs build --strict
 
 test: $(STAMP)

@@ -50,20 +50,29 @@ _EXPORTS: dict[str, str] = {
     "ParamPlan": "surgery.plan",
     "Plan": "surgery.plan",
     "plan": "surgery.plan",
+    "LoadedRecipe": "surgery.recipe",
     "builtin_recipes": "surgery.recipe",
     "load_recipe": "surgery.recipe",
     "LoraSpec": "surgery.lora",
     "MultiAdapterModel": "surgery.lora",
     "load_peft": "surgery.lora",
     "save_peft": "surgery.lora",
-    "HeadSpec": "surgery.schema",
-    "LayerRange": "surgery.schema",
-    "ModelSpec": "surgery.schema",
-    "OptimSpec": "surgery.schema",
-    "Recipe": "surgery.schema",
-    "Rule": "surgery.schema",
-    "SurgerySpec": "surgery.schema",
-    "json_schema": "surgery.schema",
+    "with_num_classes": "surgery.recipe",
+    "with_head_classes": "surgery.recipe",
+    "RecipePlan": "surgery.render",
+    "plan_recipe": "surgery.render",
+    "DataSpec": "surgery.recipe",
+    "HeadSpec": "surgery.recipe",
+    "HubSpec": "surgery.recipe",
+    "LayerRange": "surgery.recipe",
+    "ModelSpec": "surgery.recipe",
+    "OptimSpec": "surgery.recipe",
+    "Recipe": "surgery.recipe",
+    "Rule": "surgery.recipe",
+    "StageSpec": "surgery.recipe",
+    "SurgerySpec": "surgery.recipe",
+    "TrainSpec": "surgery.recipe",
+    "json_schema": "surgery.recipe",
     "train": "surgery.train",
 }
 
@@ -112,15 +121,24 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from surgery.lora import LoraSpec, MultiAdapterModel, load_peft, save_peft  # noqa: F401
     from surgery.models import build_model  # noqa: F401
     from surgery.plan import HeadChange, NormChange, ParamPlan, Plan, plan  # noqa: F401
-    from surgery.recipe import builtin_recipes, load_recipe  # noqa: F401
-    from surgery.schema import (  # noqa: F401
+    from surgery.recipe import (  # noqa: F401
+        DataSpec,
         HeadSpec,
+        HubSpec,
         LayerRange,
+        LoadedRecipe,
         ModelSpec,
         OptimSpec,
         Recipe,
         Rule,
+        StageSpec,
         SurgerySpec,
+        TrainSpec,
+        builtin_recipes,
         json_schema,
+        load_recipe,
+        with_head_classes,
+        with_num_classes,
     )
+    from surgery.render import RecipePlan, plan_recipe  # noqa: F401
     from surgery.train import train  # noqa: F401

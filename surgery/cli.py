@@ -48,13 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON Schema of recipe files")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p = sub.add_parser("recipes", help="list the built-in recipes, or print one (`surgery recipes NAME`)")
+    p.add_argument("name", nargs="?", help="a built-in recipe to print as YAML (copy it to start your own)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("train", help="train a recipe (also under `accelerate launch -m surgery train ...`)")
     _add_recipe_args(p)
-    p.add_argument("--output", metavar="DIR", help="output folder (default: train.output_dir, else runs/<recipe>)")
+    p.add_argument("--model", help="model reference, overriding model.name")
+    p.add_argument("--num-classes", type=int, help="number of classes of every new head (adds heads.classifier)")
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="output folder (default: train.output_dir, else a new output/train/<date>-<time>-<model>-<recipe>)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -121,68 +129,48 @@ def _split_overrides(items: Sequence[str]) -> list[str]:
 
 
 def load_cli_recipe(recipe: str, overrides: Sequence[str], *, model: str | None = None, num_classes: int | None = None):
-    """Load a recipe with the command line's overrides, ``--model`` and ``--num-classes`` folded in."""
-    from surgery.recipe import load_recipe
+    """Load a recipe with the command line's overrides, ``--model`` and ``--num-classes`` folded in (loaded once)."""
+    from surgery.recipe import load_recipe, with_head_classes
 
     extra = _split_overrides(overrides)
     if model:
         extra.append(f"model.name={model}")
     loaded = load_recipe(recipe, extra)
     if num_classes is not None:
-        if num_classes < 1:
-            raise RecipeError(f"--num-classes: must be at least 1, got {num_classes}")
-        keys = list(loaded.surgery.heads) or ["classifier"]
-        loaded = load_recipe(recipe, [*extra, *(f"surgery.heads.{k}.num_classes={num_classes}" for k in keys)])
+        loaded = with_head_classes(loaded, num_classes, source="--num-classes")
     return loaded
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from surgery.features import feature_cache_reason
-    from surgery.models import build_model
-    from surgery.stages import plan_stages
+    from surgery.render import plan_recipe
 
     recipe = load_cli_recipe(args.recipe, args.overrides, model=args.model, num_classes=args.num_classes)
-    if recipe.model is None:
-        raise RecipeError(f"{recipe.source}: the recipe has no model: add model.name to it or pass --model NAME")
-    model = build_model(recipe.model, meta=True, recipe_dir=Path(recipe.source).parent, where=recipe.where("model"))
-    stages = plan_stages(model, recipe)
-    first = stages[0][1]
-    reason = feature_cache_reason(first, recipe)
-    cache = (
-        "applies: only the new head trains on a deterministic input pipeline" if reason is None else f"off: {reason}"
-    )
-    if args.json:
-        out = first.to_dict()
-        out["feature_cache"] = {"applies": reason is None, "reason": reason}
-        if len(stages) > 1:
-            out["stages"] = [
-                {"name": stage.name or f"stage{i}", "epochs": stage.epochs, **p.to_dict()}
-                for i, (stage, p) in enumerate(stages)
-            ]
-        print(json.dumps(out, indent=2))
-        return 0
-    for i, (stage, p) in enumerate(stages):
-        if len(stages) > 1:
-            lr = f", lr {stage.lr:g}" if stage.lr is not None else ""
-            print(f"{chr(10) if i else ''}== Stage {i} ({stage.name or f'stage{i}'}): {stage.epochs} epoch(s){lr}")
-        print(p.table())
-    print(f"Feature cache: {cache}")
+    described = plan_recipe(recipe)
+    print(json.dumps(described.to_dict(), indent=2) if args.json else described.table())
     return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from surgery.schema import json_schema
+    from surgery.recipe import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from surgery.recipe import builtin_recipes
+    from surgery.recipe import builtin_recipes, recipe_description
 
-    for name, path in sorted(builtin_recipes().items()):
-        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        print(f"{name:16} {first}")
+    recipes = builtin_recipes()
+    if args.name:
+        name = args.name.removesuffix(".yaml")
+        if name not in recipes:
+            raise RecipeError(
+                f"surgery recipes: no built-in recipe {name!r}; built-in recipes are {', '.join(sorted(recipes))}"
+            )
+        print(recipes[name].read_text(encoding="utf-8"), end="")
+        return 0
+    for name, path in sorted(recipes.items()):
+        print(f"{name:16} {recipe_description(path)}")
     return 0
 
 
@@ -228,14 +216,36 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from surgery.train import default_output_dir, train
+    from surgery.train import Interrupted, default_output_dir, train
 
-    recipe = load_cli_recipe(args.recipe, args.overrides)
-    output = args.output or default_output_dir(recipe)
-    result = train(recipe, output_dir=output, resume=args.resume, progress=not args.no_progress)
+    recipe = load_cli_recipe(args.recipe, args.overrides, model=args.model, num_classes=args.num_classes)
+    output = args.output or recipe.train.output_dir
+    if output is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would pick its own timestamp
+            raise RecipeError("surgery train: several processes need one output folder: pass --output DIR")
+        if args.resume:
+            raise RecipeError("surgery train --resume: name the folder of the run to continue with --output DIR")
+        output = default_output_dir(recipe)
+    try:
+        result = train(
+            recipe, output_dir=output, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        )
+    except Interrupted as stop:
+        if stop.is_main_process:
+            print(f"surgery: {stop.hint}", file=sys.stderr)
+        raise
     if result.is_main_process:
         keys = ("val_loss", "val_top1", "val_top5", "train_loss")
         print(" ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if k in result.metrics) or "no epochs trained")
+        if result.skipped_images:
+            from surgery.train.run_folder import SKIPPED
+
+            print(
+                f"skipped {len(result.skipped_images)} undecodable image(s) (data.skip_bad_images), e.g. "
+                f"{result.skipped_images[0]}; all listed in {Path(result.output_dir or '.') / SKIPPED}"
+            )
+        if result.pushed_url:
+            print(f"pushed: {result.pushed_url}")
         print(f"outputs: {result.output_dir}")
     return 0
 

@@ -247,7 +247,7 @@ def convert(
     """
     from surgery.io import atomic_write
     from surgery.models import build_model
-    from surgery.schema import ModelSpec
+    from surgery.recipe import ModelSpec
 
     out = Path(out)
     if out.suffix != ".safetensors":

@@ -14,7 +14,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from surgery.errors import HeadError
-from surgery.schema import HeadSpec
+from surgery.recipe import HeadSpec
 
 _ACTS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 _COMMON_NAMES = ("fc", "classifier", "head", "head.fc", "last_linear")

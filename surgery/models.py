@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from surgery.errors import ModelError, SurgeryError
-from surgery.schema import ModelSpec
+from surgery.recipe import ModelSpec
 
 TORCHVISION = "torchvision:"
 HF_HUB = "hf-hub:"
@@ -97,7 +97,6 @@ def build_model(
     spec: ModelSpec,
     *,
     meta: bool = False,
-    recipe_dir: Path | None = None,
     where: str = "model",
 ) -> nn.Module:
     """Build the model of a recipe's ``model:`` section (see module docstring).
@@ -137,10 +136,8 @@ def build_model(
         with_kwargs = f" with kwargs {', '.join(map(str, spec.kwargs))}" if spec.kwargs else ""
         raise ModelError(f"{key}: cannot build {spec.name!r}{with_kwargs}: {_first_line(err)}{hint}") from None
     if spec.checkpoint and not meta:
-        path = Path(spec.checkpoint)
-        if not path.is_absolute() and recipe_dir is not None:
-            path = recipe_dir / path
-        load_checkpoint(model, path, where=f"{where}.checkpoint")
+        # a loaded recipe's paths are absolute (surgery.paths); a ModelSpec made in Python is relative to the cwd
+        load_checkpoint(model, Path(spec.checkpoint), where=f"{where}.checkpoint")
     return model
 
 
@@ -544,3 +541,32 @@ def load_checkpoint(model: nn.Module, path: Path, *, where: str = "checkpoint") 
             f"{where}: {path} does not fit the model: {', '.join(x for x in (missing, extra) if x)}; "
             "check model.name and model.kwargs"
         )
+
+
+def fit_img_size(recipe: Any) -> tuple[Any, str | None]:
+    """The recipe with ``model.kwargs.img_size`` set to ``data.img_size`` when the model has a fixed input size
+    (ViT-like: ``pretrained_cfg["fixed_input_size"]``) that differs and its constructor takes ``img_size``; and a note
+    saying so for the plan (None when nothing changed).
+
+    A fixed-size model that cannot take ``img_size`` stops here with the fix, instead of failing inside its forward.
+    Trainers call this before building the model, as ``surgery plan`` does.
+    """
+    spec, size = recipe.model, recipe.data.img_size
+    if spec is None or size is None or "img_size" in spec.kwargs:
+        return recipe, None
+    model = build_model(spec, meta=True, where=recipe.where("model"))
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    native = tuple(cfg.get("input_size") or ())[-2:]
+    if not cfg.get("fixed_input_size") or not native or native == (size, size):
+        return recipe, None
+    native_text = "x".join(map(str, native))
+    if "img_size" not in model_parameters(spec.name):
+        raise ModelError(
+            f"{recipe.where('data', 'img_size')}: {spec.name!r} takes {native_text} inputs only and cannot be built "
+            f"for {size}; set data.img_size: {native[-1]} or remove it"
+        )
+    model_spec = spec.model_copy(update={"kwargs": {**spec.kwargs, "img_size": size}})
+    fitted = recipe.model_copy(update={"model": model_spec})
+    fitted._origins, fitted._source = recipe._origins, recipe._source
+    note = f"model.kwargs.img_size: {size} (from data.img_size; {spec.name} is fixed-size, {native_text} by default)"
+    return fitted, note

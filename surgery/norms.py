@@ -1,20 +1,24 @@
 """BatchNorm handling for frozen parts: the classic bug is a "frozen" BatchNorm whose running statistics still move.
 
-Two conversions, both swapping the module for another one holding the same tensors:
+Two conversions, both keeping the module's tensors:
 
 - ``frozen``: timm's ``freeze_batch_norm_2d`` (BatchNorm2d, SyncBatchNorm, BatchNormAct2d -> FrozenBatchNorm2d /
   FrozenBatchNormAct2d), computed with the eval-mode BatchNorm kernel so outputs match a plain BatchNorm bit for bit.
   timm has no 1-d version, so BatchNorm1d becomes :class:`FrozenBatchNorm1d` here.
-- ``eval``: a subclass of the original class whose ``train()`` keeps it in eval mode, so running statistics stay
-  fixed while its affine parameters may still train. Subclassing keeps every attribute, the state-dict names and
-  ``isinstance`` checks of the original class.
+- ``eval``: the module becomes ``StatsFixed<its class>``, a subclass whose ``train()`` keeps it in eval mode, so running
+  statistics stay fixed while its affine parameters may still train. Subclassing keeps every attribute, the state-dict
+  names and ``isinstance`` checks of the original class.
+
+Every class here is defined statically (none is built at run time), so a model after :func:`surgery.apply` pickles
+(``torch.save(model)``) and deep-copies. A conversion changes the module's ``__class__`` to a subclass that adds no
+state, or back. :func:`stats_move` is the one test of "are this norm's running statistics updating".
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import freeze_batch_norm_2d
-from timm.layers.norm_act import FrozenBatchNormAct2d as TimmFrozenBatchNormAct2d
+from timm.layers import BatchNormAct2d, SplitBatchNorm2d, SyncBatchNormAct, freeze_batch_norm_2d
+from timm.layers import FrozenBatchNormAct2d as TimmFrozenBatchNormAct2d
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -41,16 +45,18 @@ class FrozenBatchNormAct2d(TimmFrozenBatchNormAct2d):
         return self.act(self.drop(x))
 
 
+_EXACT: dict[type[nn.Module], type[nn.Module]] = {
+    TorchvisionFrozenBatchNorm2d: FrozenBatchNorm2d,
+    TimmFrozenBatchNormAct2d: FrozenBatchNormAct2d,
+}
+
+
 def _exact(module: nn.Module) -> nn.Module:
-    """Swap timm's frozen module for the subclass above; the tensors and attributes stay the same objects."""
-    cls = {TorchvisionFrozenBatchNorm2d: FrozenBatchNorm2d, TimmFrozenBatchNormAct2d: FrozenBatchNormAct2d}.get(
-        type(module)
-    )
-    if cls is None:
-        return module
-    new = cls.__new__(cls)
-    new.__dict__ = module.__dict__.copy()
-    return new
+    """timm's frozen module as the subclass above (which adds no state), in place."""
+    cls = _EXACT.get(type(module))
+    if cls is not None:
+        module.__class__ = cls
+    return module
 
 
 class FrozenBatchNorm1d(nn.Module):
@@ -80,42 +86,96 @@ class StatsFixed:
         return super().train(False)  # type: ignore[misc]
 
 
-_STATS_FIXED: dict[type, type] = {}
+class StatsFixedBatchNorm1d(StatsFixed, nn.BatchNorm1d):
+    """BatchNorm1d with fixed running statistics."""
 
 
-def stats_fixed_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """``StatsFixed<cls>``: created once per BatchNorm class."""
-    if issubclass(cls, StatsFixed):
+class StatsFixedBatchNorm2d(StatsFixed, nn.BatchNorm2d):
+    """BatchNorm2d with fixed running statistics."""
+
+
+class StatsFixedBatchNorm3d(StatsFixed, nn.BatchNorm3d):
+    """BatchNorm3d with fixed running statistics."""
+
+
+class StatsFixedSyncBatchNorm(StatsFixed, nn.SyncBatchNorm):
+    """SyncBatchNorm with fixed running statistics."""
+
+
+class StatsFixedBatchNormAct2d(StatsFixed, BatchNormAct2d):
+    """timm's BatchNormAct2d with fixed running statistics."""
+
+
+class StatsFixedSyncBatchNormAct(StatsFixed, SyncBatchNormAct):
+    """timm's SyncBatchNormAct with fixed running statistics."""
+
+
+class StatsFixedSplitBatchNorm2d(StatsFixed, SplitBatchNorm2d):
+    """timm's SplitBatchNorm2d with fixed running statistics."""
+
+
+# BatchNorm class -> its stats-fixed subclass. Another BatchNorm class has no stats-fixed form: the plan says so.
+_STATS_FIXED: dict[type[nn.Module], type[nn.Module]] = {
+    cls.__mro__[2]: cls
+    for cls in (
+        StatsFixedBatchNorm1d,
+        StatsFixedBatchNorm2d,
+        StatsFixedBatchNorm3d,
+        StatsFixedSyncBatchNorm,
+        StatsFixedBatchNormAct2d,
+        StatsFixedSyncBatchNormAct,
+        StatsFixedSplitBatchNorm2d,
+    )
+}
+_RELEASED = {fixed: base for base, fixed in _STATS_FIXED.items()}
+
+
+def stats_fixed_class(cls: type[nn.Module]) -> type[nn.Module] | None:
+    """``StatsFixed<cls>`` (``cls`` itself when already stats-fixed); None for a class with no stats-fixed form."""
+    if cls in _RELEASED:
         return cls
-    if cls not in _STATS_FIXED:
-        _STATS_FIXED[cls] = type(f"StatsFixed{cls.__name__}", (StatsFixed, cls), {"__module__": __name__})
-    return _STATS_FIXED[cls]
+    return _STATS_FIXED.get(cls)
+
+
+def stats_move(module: nn.Module) -> bool:
+    """Whether training changes this module's running statistics: a BatchNorm that tracks them and is not fixed.
+
+    The one test of "moving statistics": the plan, the feature cache and the adapter's optional buffers read it.
+    """
+    return isinstance(module, _BatchNorm) and bool(module.track_running_stats) and not isinstance(module, StatsFixed)
 
 
 def batchnorms(model: nn.Module, *, include_fixed: bool = False) -> dict[str, _BatchNorm]:
-    """Every BatchNorm-like module with running statistics (BatchNorm1d/2d/3d, SyncBatchNorm, BatchNormAct2d);
-    ``include_fixed`` adds those already converted by :func:`fix_stats`."""
+    """Every BatchNorm-like module whose running statistics move in training (:func:`stats_move`: BatchNorm1d/2d/3d,
+    SyncBatchNorm, BatchNormAct2d); ``include_fixed`` adds those already converted by :func:`fix_stats`."""
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats and (include_fixed or not isinstance(m, StatsFixed))
+        if stats_move(m) or (include_fixed and isinstance(m, StatsFixed) and m.track_running_stats)
     }
 
 
 def fix_stats(module: _BatchNorm) -> nn.Module:
-    """The same module, as a class that keeps its running statistics fixed."""
-    new = stats_fixed_class(type(module)).__new__(stats_fixed_class(type(module)))
-    new.__dict__ = module.__dict__.copy()
-    new.training = False
-    return new
+    """The module, now of its ``StatsFixed`` class: running statistics fixed (in place; tensors unchanged)."""
+    cls = stats_fixed_class(type(module))
+    if cls is None:
+        raise TypeError(f"{type(module).__name__} has no stats-fixed form")  # the plan never asks for it
+    module.__class__ = cls
+    module.training = False
+    return module
+
+
+def released_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The class :func:`release` gives a module of class ``cls``."""
+    return _RELEASED.get(cls, cls)
 
 
 def release(module: nn.Module) -> nn.Module:
-    """Undo :func:`fix_stats`: the same module, as its original class, whose statistics update in training again."""
-    cls = next(c for c in type(module).__mro__[1:] if not issubclass(c, StatsFixed))
-    new = cls.__new__(cls)
-    new.__dict__ = module.__dict__.copy()
-    return new
+    """Undo :func:`fix_stats`: the module, as its original class, whose statistics update in training again."""
+    base = _RELEASED.get(type(module))
+    if base is not None:
+        module.__class__ = base
+    return module
 
 
 def freeze(module: _BatchNorm) -> nn.Module:
@@ -139,7 +199,7 @@ def frozen_class_name(module: _BatchNorm) -> str:
     """The class a ``frozen`` conversion produces, for the plan (without converting)."""
     if isinstance(module, nn.BatchNorm1d):
         return FrozenBatchNorm1d.__name__
-    return "FrozenBatchNormAct2d" if type(module).__name__.startswith("BatchNormAct") else "FrozenBatchNorm2d"
+    return "FrozenBatchNormAct2d" if isinstance(module, BatchNormAct2d | SyncBatchNormAct) else "FrozenBatchNorm2d"
 
 
 FROZEN_CLASSES: tuple[type[nn.Module], ...] = (

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
 from surgery.errors import RecipeError
-from surgery.schema import OptimSpec, TrainSpec
+from surgery.recipe import OptimSpec, TrainSpec
 
 
 def build_optimizer(groups: list[dict[str, Any]], spec: OptimSpec, *, where: str = "optim") -> torch.optim.Optimizer:
@@ -28,6 +28,19 @@ def build_optimizer(groups: list[dict[str, Any]], spec: OptimSpec, *, where: str
         )
         raise RecipeError(f"{where}.name: timm has no optimizer {spec.name!r}; e.g. {known}")
     kwargs = dict(spec.kwargs)
+    if spec.momentum is not None or spec.nesterov is not None:
+        info = get_optimizer_info(name)
+        if not info.has_momentum:
+            key = "momentum" if spec.momentum is not None else "nesterov"
+            raise RecipeError(f"{where}.{key}: optimizer {spec.name!r} has no momentum; remove the key or use sgd")
+        if spec.momentum is not None:
+            kwargs["momentum"] = spec.momentum
+        if spec.nesterov is not None:
+            kwargs["nesterov"] = spec.nesterov
+        elif spec.momentum == 0:
+            kwargs["nesterov"] = False  # torch refuses Nesterov without momentum; timm's sgd defaults it on
+    if kwargs.get("nesterov") and kwargs.get("momentum", 0.9) == 0:
+        raise RecipeError(f"{where}.nesterov: Nesterov momentum needs optim.momentum > 0")
     try:
         # lr/weight_decay here are only defaults for keys a group lacks; every plan group sets both.
         return create_optimizer_v2(
@@ -35,6 +48,31 @@ def build_optimizer(groups: list[dict[str, Any]], spec: OptimSpec, *, where: str
         )
     except TypeError as err:
         raise RecipeError(f"{where}.kwargs: optimizer {spec.name!r} does not accept these arguments: {err}") from None
+
+
+_FLAGS = {"foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
+
+
+def describe_optimizer(spec: OptimSpec, *, where: str = "optim") -> str:
+    """The optimizer the recipe makes, with every argument it resolves to, e.g.
+    ``SGD(lr=0.05, momentum=0.9, dampening=0, weight_decay=0.0001, nesterov=True)``.
+
+    Built for real by :func:`build_optimizer` over one dummy parameter, so what is shown is what timm builds, defaults
+    included (implementation switches such as ``foreach`` are left out). ``optim.layer_decay`` follows when set.
+    """
+    probe = torch.nn.Parameter(torch.zeros(1))
+    optimizer = build_optimizer(
+        [{"params": [probe], "lr": spec.lr, "weight_decay": spec.weight_decay}], spec, where=where
+    )
+    args = [
+        f"{key}={value:g}" if isinstance(value, float) else f"{key}={value!r}"
+        for key, value in optimizer.defaults.items()
+        if key not in _FLAGS and value is not None
+    ]
+    text = f"{type(optimizer).__name__}({', '.join(args)})"
+    if spec.layer_decay is not None:
+        text += f", layer_decay={spec.layer_decay:g}"
+    return text
 
 
 def set_param_groups(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> tuple[int, int]:

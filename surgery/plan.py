@@ -22,8 +22,7 @@ from surgery import heads as heads_mod
 from surgery import norms as norms_mod
 from surgery.errors import HeadError, NothingTrainableError, SurgeryError
 from surgery.layers import Layer, layer_of, layers_from_names
-from surgery.recipe import LoadedRecipe, load_recipe, with_num_classes
-from surgery.schema import HeadSpec, Recipe
+from surgery.recipe import HeadSpec, LoadedRecipe, Recipe, load_recipe, with_num_classes
 from surgery.select import describe, select
 
 RecipeLike = Recipe | Mapping[str, Any] | str | Path
@@ -142,100 +141,20 @@ class Plan:
 
     # ----------------------------------------------------------------------------------------------- printing
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description (``surgery plan --json``)."""
-        total = self.trainable_params + self.frozen_params
-        return {
-            "model": self.model_name,
-            "trainable_params": self.trainable_params,
-            "frozen_params": self.frozen_params,
-            "total_params": total,
-            "layers": [{"index": la.index, "name": la.name, "params": len(la.params)} for la in self.layers],
-            "parameters": [
-                {
-                    "name": p.name,
-                    "shape": list(p.shape),
-                    "layer": p.layer,
-                    "trainable": p.trainable,
-                    "lr": p.lr,
-                    "weight_decay": p.weight_decay,
-                    "rule": p.rule,
-                    "new": p.new,
-                }
-                for p in self.parameters
-            ],
-            "heads": [
-                {
-                    "key": h.key,
-                    "path": h.path,
-                    "old": h.old,
-                    "new": h.new,
-                    "in_features": h.in_features,
-                    "num_classes": h.num_classes,
-                    "params": list(h.params),
-                }
-                for h in self.heads
-            ],
-            "norms": [
-                {"path": n.path, "kind": n.kind, "action": n.action, "becomes": n.becomes, "reason": n.reason}
-                for n in self.norms
-            ],
-            "warnings": list(self.warnings),
-        }
+        """A JSON-ready description (``surgery plan --json``); see :func:`surgery.render.plan_dict`."""
+        from surgery.render import plan_dict
+
+        return plan_dict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
         """``to_dict()`` as JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self) -> str:
-        """A readable table grouped by layer, with totals, heads, norm changes and warnings."""
-        rows = [("#", "layer", "params", "trainable", "frozen", "lr", "wd", "rule")]
-        by_layer: dict[int, list[ParamPlan]] = {}
-        for p in self.parameters:
-            by_layer.setdefault(p.layer, []).append(p)
-        for layer in self.layers:
-            ps = by_layer.get(layer.index, [])
-            trainable = sum(p.numel for p in ps if p.trainable)
-            frozen = sum(p.numel for p in ps if not p.trainable)
-            lrs = sorted({p.lr for p in ps if p.lr is not None})
-            wds = sorted({p.weight_decay for p in ps if p.weight_decay is not None})
-            lr = "-" if not lrs else f"{lrs[0]:.2e}" if len(lrs) == 1 else f"{lrs[0]:.2e}..{lrs[-1]:.2e}"
-            wd = "-" if not wds else "/".join(f"{w:g}" for w in wds)
-            rules = list(dict.fromkeys(p.rule for p in ps))
-            rule = rules[0] if len(rules) == 1 else f"{rules[0]} (+{len(rules) - 1} more)"
-            rows.append(
-                (str(layer.index), layer.name, f"{trainable + frozen:,}", f"{trainable:,}", f"{frozen:,}", lr, wd, rule)
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        right = {0, 2, 3, 4}
-        lines = [f"Plan for {self.model_name}"]
-        if self.recipe.description:
-            lines.append(f"  {self.recipe.description.strip()}")
-        for r in rows:
-            cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-            lines.append("  ".join(cells).rstrip())
-        total = self.trainable_params + self.frozen_params
-        share = 100.0 * self.trainable_params / total if total else 0.0
-        lines.append(
-            f"Total: {total:,} parameters: {self.trainable_params:,} trainable ({share:.2f}%), "
-            f"{self.frozen_params:,} frozen, in {len(self.layers)} layers"
-        )
-        for h in self.heads:
-            state = "trainable" if h.spec.trainable else "frozen"
-            lines.append(f"Head {h.key}: {h.path}: {h.old} -> {h.new} ({state})")
-        if self.norms:
-            actions: dict[tuple[str, str], int] = {}
-            for n in self.norms:
-                actions[(n.action, n.reason)] = actions.get((n.action, n.reason), 0) + 1
-            for (action, reason), count in actions.items():
-                what = {
-                    "eval": "running statistics fixed",
-                    "frozen": "converted to FrozenBatchNorm",
-                    "train": "running statistics updating again",
-                }[action]
-                lines.append(f"Norms: {count} BatchNorm layer(s) {what} ({reason})")
-        for w in self.warnings:
-            lines.append(f"Warning: {w}")
-        return "\n".join(lines)
+        """A readable table grouped by layer; see :func:`surgery.render.plan_table`."""
+        from surgery.render import plan_table
+
+        return plan_table(self)
 
 
 # ------------------------------------------------------------------------------------------------------ planning
@@ -335,7 +254,7 @@ def plan(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None
     wd_set: dict[str, float] = {}
     for i, rule in enumerate(spec.rules):
         label = rule.name or f"rules[{i}] {rule.action} {describe(rule.selector)}"
-        where = recipe.where("surgery", "rules", i, rule.action)
+        where = rule._where or recipe.where("surgery", "rules", i, rule.action)
         chosen = select(rule.selector, names, layers, where=where)
         if rule.action in ("freeze", "unfreeze"):
             want = rule.action == "unfreeze"
@@ -429,15 +348,21 @@ def _plan_norms(
         kind = type(bn).__name__
         if isinstance(bn, norms_mod.StatsFixed):  # fixed by an earlier plan (a previous training stage)
             if policy == "train" or (policy != "eval" and not frozen):
-                base = type(norms_mod.release(bn)).__name__
+                base = norms_mod.released_class(type(bn)).__name__
                 changes.append(NormChange(path, kind, "train", base, f"norm: {policy}, parameters trainable again"))
             continue
+        fixable = norms_mod.stats_fixed_class(type(bn)) is not None
         if policy == "train":
             drifting += frozen
+        elif (policy == "eval" or frozen) and not fixable and not (policy == "frozen" and _freezable(bn)):
+            warnings.append(  # a custom BatchNorm class: say so rather than build a class at run time
+                f"{path}: {kind} has no stats-fixed form, so its running statistics keep updating in training; "
+                "use a standard BatchNorm class, or surgery.norm=frozen for a BatchNorm2d subclass"
+            )
         elif policy == "eval":
             reason = "norm: eval" if not frozen else "norm: eval, parameters frozen"
             changes.append(NormChange(path, kind, "eval", f"StatsFixed{kind}", reason))
-        elif frozen and policy == "frozen" and isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d | nn.SyncBatchNorm):
+        elif frozen and policy == "frozen" and _freezable(bn):
             changes.append(NormChange(path, kind, "frozen", norms_mod.frozen_class_name(bn), "norm: frozen"))
             for n in own:
                 decided[n] = f"{decided[n]}; norm: frozen"
@@ -463,6 +388,10 @@ def _plan_norms(
             "training; use norm: auto to keep them fixed"
         )
     return changes
+
+
+def _freezable(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d | nn.SyncBatchNorm)
 
 
 def _siblings(path: str, trainable: Mapping[str, bool]) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from surgery.errors import NoMatchingParameterError, RecipeError
 from surgery.layers import Layer
-from surgery.schema import LayerRange, Selector
+from surgery.recipe import LayerRange, Selector
 
 
 def _closest(pattern: str, names: Sequence[str], n: int = 3) -> str:

@@ -12,8 +12,7 @@ from torch import nn
 from surgery.apply import apply_plan
 from surgery.layers import layers_from_names
 from surgery.plan import Plan, plan
-from surgery.recipe import LoadedRecipe
-from surgery.schema import Rule, StageSpec, TrainSpec
+from surgery.recipe import LoadedRecipe, Rule, StageSpec, TrainSpec
 from surgery.select import select
 
 
@@ -44,7 +43,13 @@ def head_rules(first: Plan) -> list[Rule]:
 
 
 def check_stage_rules(model: nn.Module, recipe: LoadedRecipe, index: int) -> None:
-    """Resolve a stage's selectors against the model now, so a bad pattern is reported at its own file and line."""
+    """Resolve a stage's selectors against the model now, so a bad pattern is reported at its own file and line.
+
+    Stage 0 is planned at once, together with the new heads its rules may select (its errors are located by
+    :func:`stage_recipe`), so only later stages are checked ahead.
+    """
+    if index == 0:
+        return
     names = [n for n, _ in model.named_parameters()]
     layers = layers_from_names(model, names)
     for j, rule in enumerate(recipe.train.stages[index].rules):
@@ -54,10 +59,14 @@ def check_stage_rules(model: nn.Module, recipe: LoadedRecipe, index: int) -> Non
 def stage_recipe(recipe: LoadedRecipe, stages: list[StageSpec], index: int, first: Plan | None) -> LoadedRecipe:
     """The recipe that plans stage ``index``: ``first`` is stage 0's plan (None when planning stage 0 itself)."""
     stage = stages[index] if index < len(stages) else StageSpec(epochs=1)
-    labelled = [
-        r if r.name else r.model_copy(update={"name": f"{stage_name(stages, index)}.rules[{j}] {r.action}"})
-        for j, r in enumerate(stage.rules)
-    ]
+    labelled = []
+    for j, rule in enumerate(stage.rules):
+        if not rule.name:
+            rule = rule.model_copy(update={"name": f"{stage_name(stages, index)}.rules[{j}] {rule.action}"})
+        if recipe.train.stages and index < len(recipe.train.stages):  # errors name where the rule is written
+            rule = rule.model_copy()
+            rule._where = recipe.where("train", "stages", index, "rules", j, rule.action)
+        labelled.append(rule)
     surgery = recipe.surgery
     if first is None:
         surgery = surgery.model_copy(update={"rules": [*surgery.rules, *labelled]})

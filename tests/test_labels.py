@@ -1,4 +1,4 @@
-"""surgery.labels: labels CSV files, their one-line errors, class order, and the dataset over them."""
+"""surgery.data.labels: labels CSV files, their one-line errors, class order, and the dataset over them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from surgery.data.labels import LabelsDataset, LabelsFile, read_labels_csv
 from surgery.errors import DataError
-from surgery.labels import LabelsDataset, LabelsFile, read_labels_csv
 
 
 @pytest.fixture

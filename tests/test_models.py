@@ -27,7 +27,7 @@ import surgery
 from surgery.cli import main
 from surgery.errors import ModelError
 from surgery.models import build_model, check_kwargs, load_checkpoint
-from surgery.schema import ModelSpec
+from surgery.recipe import ModelSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ _PRETRAINED = """
 import time
 from surgery.errors import ModelError
 from surgery.models import build_model
-from surgery.schema import ModelSpec
+from surgery.recipe import ModelSpec
 start = time.monotonic()
 try:
     build_model(ModelSpec(name={name!r}, pretrained=True), where="r.yaml:2: model")
@@ -248,7 +248,7 @@ def test_pretrained_from_the_cache_does_not_need_the_network(tmp_path: Path) -> 
     torch.manual_seed(5)
     save_file(timm.create_model("test_resnet").state_dict(), str(snap / "model.safetensors"))
     from surgery.models import build_model
-    from surgery.schema import ModelSpec
+    from surgery.recipe import ModelSpec
     model = build_model(ModelSpec(name="test_resnet", pretrained=True))
     torch.manual_seed(5)
     print(torch.equal(model.fc.weight, timm.create_model("test_resnet").fc.weight))
@@ -297,7 +297,7 @@ def test_a_good_checkpoint_loads(tmp_path: Path) -> None:
     torch.manual_seed(1)
     source = timm.create_model("test_resnet")
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
-    model = build_model(ModelSpec(name="test_resnet", checkpoint="w.safetensors"), recipe_dir=tmp_path)
+    model = build_model(ModelSpec(name="test_resnet", checkpoint=str(tmp_path / "w.safetensors")))
     assert torch.equal(model.fc.weight, source.fc.weight)
 
 
@@ -327,7 +327,7 @@ def test_hf_hub_refs_on_a_reachable_hub_still_build_and_their_config_is_checked(
     from safetensors.torch import load_file
     from surgery.errors import ModelError
     from surgery.models import build_model
-    from surgery.schema import ModelSpec
+    from surgery.recipe import ModelSpec
     good = build_model(ModelSpec(name="hf-hub:alice/good", pretrained=True, kwargs={{"drop_rate": 0.1}})).eval()
     with torch.no_grad():
         print(good(load_file({str(probe)!r})["x"]).tolist())

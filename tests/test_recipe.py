@@ -284,7 +284,7 @@ MALFORMED: list[tuple[str, str, list[str], str]] = [
         "model.kwargs: 'test_resnet' does not accept these arguments",
     ),
     ("no-model", "surgery:\n" + HEAD, [], "the recipe has no model: add model.name to it or pass --model NAME"),
-    ("num-classes-zero", MODEL, ["--num-classes", "0"], "--num-classes: must be at least 1, got 0"),
+    ("num-classes-zero", MODEL, ["--num-classes", "0"], "--num-classes: the class count must be at least 1, got 0"),
     ("unknown-flag", MODEL, ["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ("model-shorthand-wrong-type", "model: [resnet18]\n", [], "model: input should be a valid dictionary"),
 ]
@@ -442,3 +442,19 @@ def test_resolved_data_is_the_one_copy_runs_and_adapters_keep(tmp_path: Path) ->
     with pytest.raises(RecipeError, match=r"which=callable\) cannot be saved as data; use layer indices or names"):
         resolved_data(with_predicate)
     assert "lambda" in resolved_data(with_predicate, predicates="repr")["surgery"]["rules"][0]["freeze"]["which"]
+
+
+def test_recipe_package_and_the_old_module_names_export_the_same_objects() -> None:
+    """``surgery.recipe`` (schema + loader) is the home; ``surgery.schema`` stays importable (public API: add, don't
+    break), and the lazy top-level names are the same objects."""
+    import surgery.recipe as recipe_pkg
+    import surgery.schema as old_schema
+    from surgery.recipe import load as load_mod
+    from surgery.recipe import schema as schema_mod
+
+    for name in ("Recipe", "ModelSpec", "HeadSpec", "Rule", "LayerRange", "OptimSpec", "SurgerySpec", "json_schema"):
+        assert getattr(old_schema, name) is getattr(schema_mod, name) is getattr(recipe_pkg, name)
+        assert getattr(surgery, name) is getattr(schema_mod, name)
+    for name in ("load_recipe", "builtin_recipes", "LoadedRecipe", "with_num_classes"):
+        assert getattr(surgery, name) is getattr(load_mod, name) is getattr(recipe_pkg, name)
+    assert "linear-probe" in surgery.builtin_recipes()

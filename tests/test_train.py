@@ -260,7 +260,7 @@ def test_cli_reports_bad_data_and_class_count_in_one_line(data: Path, tmp_path: 
     recipe.write_text(json.dumps({**_recipe(tmp_path / "nowhere")}))
     assert main(["train", str(recipe), "--output", str(tmp_path / "o")]) == 2
     recipe.write_text(json.dumps({**_recipe(data), "surgery": {"heads": {"classifier": {"num_classes": 5}}}}))
-    with pytest.raises(RecipeError, match=r"num_classes=3"):
+    with pytest.raises(RecipeError, match=r"5 classes but data.root \(3 class folders\) has 3"):
         train(load_recipe(recipe), progress=False)
 
 
@@ -334,6 +334,7 @@ def test_resume_from_every_kind_of_checkpoint(reference: tuple[Path, Path], tmp_
             kind = "mid_epoch_stage1"
         picks.setdefault(kind, ckpt)
     assert {"mid_epoch", "epoch_end", "stage_end", "mid_epoch_stage1"} <= set(picks)
+    assert json.loads((ref / "metrics.json").read_text())["channels_last"] is True  # auto: a convnet, trained so
     for kind in ("stage_end", "mid_epoch_stage1"):
         out = tmp_path / kind
         shutil.copytree(picks[kind], out / "checkpoints" / picks[kind].name)
@@ -350,6 +351,7 @@ def test_sigint_saves_a_checkpoint_then_resume_finishes(reference: tuple[Path, P
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
+    assert "continue with --resume" in err  # printed by the CLI, also with --no-progress
     last = latest_checkpoint(out)
     assert last != first  # saved at the step the signal arrived, not only the periodic one
     assert "continue with --resume" in (out / "train.log").read_text()
@@ -523,3 +525,161 @@ def test_a_lone_trailing_sample_does_not_break_batchnorm() -> None:
     data = TensorDataset(torch.randn(9, 3, 32, 32), torch.arange(9) % 3)
     result = train({"train": {"epochs": 2, "batch_size": 4}}, model=model, train_data=data, progress=False)
     assert result.metrics["steps"] == 4  # two full batches per epoch; the ninth sample waits for the next shuffle
+
+
+# ------------------------------------------------------------------------------------ run folder, class count
+
+
+def test_resume_into_a_folder_without_a_checkpoint_is_an_error(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(SurgeryError, match="holds no checkpoint"):
+        train(_recipe(data), output_dir=tmp_path / "empty", resume=True, progress=False)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_resume_with_another_recipe_names_the_keys_that_differ(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    recipe, ref = reference
+    ckpt = latest_checkpoint(ref)
+    out = tmp_path / "other"
+    shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+    other = load_recipe(recipe, ["optim.lr=0.01", "train.stages[1].lr=0.002"])
+    with pytest.raises(RecipeError, match="another recipe") as info:
+        train(other, output_dir=out, resume=True, progress=False)
+    assert "optim.lr: 0.003 in the checkpoint, 0.01 now" in str(info.value)
+    assert "train.stages[1].lr: 0.001 in the checkpoint, 0.002 now" in str(info.value)
+
+
+def test_a_rerun_needs_overwrite_and_the_default_folder_is_fresh(data: Path, tmp_path: Path, monkeypatch) -> None:
+    from surgery.train import default_output_dir
+
+    out = tmp_path / "run"
+    train(_recipe(data, epochs=1), output_dir=out, progress=False)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SurgeryError, match="--overwrite"):
+        train(_recipe(data, epochs=1), output_dir=out, progress=False)
+    first = latest_checkpoint(out)
+    result = train(_recipe(data, epochs=1, seed=2), output_dir=out, overwrite=True, progress=False)
+    assert result.metrics["epochs"] == 1 and (out / "notes.txt").read_text() == "mine"  # not the run's: kept
+    assert json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["recipe"]["train"]["seed"] == 2
+    assert first.name in {p.name for p in (out / "checkpoints").iterdir()}  # same step name, new run
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(_recipe(data)))
+    a = default_output_dir(load_recipe(path))
+    assert a.parent == Path("output/train") and a.name.endswith("-test_resnet-r")
+    a.mkdir(parents=True)
+    assert default_output_dir(load_recipe(path)) != a  # never an existing folder
+
+
+def test_skipped_images_are_counted_listed_and_printed(tmp_path: Path, capsys) -> None:
+    from surgery.cli import main
+
+    root = _bad(tmp_path / "data", "corrupt")
+    recipe = {**_recipe(root, epochs=1), "surgery": {"heads": {"classifier": {}}}}
+    recipe["data"]["skip_bad_images"] = True
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(recipe))
+    out = tmp_path / "out"
+    assert main(["train", str(path), "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 1 undecodable image(s)" in printed and "000.png" in printed
+    assert (out / "skipped_images.txt").read_text().strip().endswith("class_0/000.png")
+    assert json.loads((out / "metrics.json").read_text())["skipped_images"] == 1
+
+
+def test_a_classifier_that_does_not_match_the_data_is_an_error_without_a_head(data: Path, tmp_path: Path) -> None:
+    from surgery.errors import HeadError
+
+    recipe = {"model": "test_resnet", "data": {"root": str(data), "img_size": 32}, "train": {"epochs": 1}}
+    with pytest.raises(HeadError, match=r"1000 outputs but data.root \(3 class folders\) has 3 classes") as info:
+        train(recipe, progress=False)
+    assert "surgery.heads.classifier" in str(info.value) and "--num-classes 3" in str(info.value)
+    fits = {**recipe, "model": {"name": "test_resnet", "kwargs": {"num_classes": 3}}, "train": {"epochs": 0}}
+    assert train(fits, progress=False).metrics["epochs"] == 0  # a classifier of the data's size trains
+
+
+def test_a_builtin_recipe_takes_its_class_count_from_the_data(data: Path, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from surgery.cli import main
+
+    out = tmp_path / "probe"
+    args = ["train", "linear-probe", "--model", "test_resnet", f"data.root={data}", "data.img_size=32"]
+    args += ["train.epochs=1", "train.batch_size=8", "--output", str(out), "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["surgery"]["heads"]["classifier"]["num_classes"] == 3
+    assert json.loads((out / "surgery.json").read_text())["num_classes"] == 3
+    assert main([*args[:-3], "--output", str(tmp_path / "five"), "--num-classes", "5", "--no-progress"]) == 2
+    assert "3 class folders" in capsys.readouterr().err
+
+
+def test_training_replays_stages_through_stages_plan_stage(data: Path, monkeypatch) -> None:
+    """The trainer looks stages.plan_stage up at call time: patch it and training changes."""
+    from surgery import stages
+
+    calls: list[int] = []
+    original = stages.plan_stage
+
+    def frozen_stage1(model, recipe, index, first):  # noqa: ANN001, ANN202
+        calls.append(index)
+        if index == 1:  # instead of unfreezing layer4, keep the first plan's trainable set
+            return original(
+                model,
+                recipe.model_copy(
+                    update={
+                        "train": recipe.train.model_copy(
+                            update={
+                                "stages": [
+                                    recipe.train.stages[0],
+                                    recipe.train.stages[1].model_copy(update={"rules": []}),
+                                ]
+                            }
+                        )
+                    }
+                ),
+                index,
+                first,
+            )
+        return original(model, recipe, index, first)
+
+    monkeypatch.setattr(stages, "plan_stage", frozen_stage1)
+    recipe = _recipe(data)
+    recipe["surgery"]["rules"] = [{"freeze": "*"}]
+    recipe["train"].pop("epochs")
+    recipe["train"]["stages"] = [{"epochs": 1}, {"epochs": 1, "rules": [{"unfreeze": "layer4"}]}]
+    result = train(recipe, progress=False)
+    assert calls == [0, 1]
+    assert not any(n.startswith("layer4") for n in result.plan.trainable_names)  # the patched replay decided
+
+
+def test_no_progress_still_prints_the_push_url(data: Path, tmp_path: Path, hub_server, monkeypatch, capsys) -> None:
+    from huggingface_hub import constants
+
+    from surgery.cli import main
+
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("HF_TOKEN", hub_server.tokens["alice"])
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    recipe = {**_recipe(data, epochs=1), "hub": {"repo": "alice/pushed-run"}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(recipe))
+    assert main(["train", str(path), "--output", str(tmp_path / "out"), "--no-progress"]) == 0, capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert f"pushed: {hub_server.url}" in printed and "alice/pushed-run" in printed
+
+
+def test_channels_last_auto_is_on_for_convnets_and_off_for_vits_and_workers_auto() -> None:
+    from surgery.train.trainer import resolve_num_workers, uses_channels_last
+
+    assert uses_channels_last(timm.create_model("test_resnet")) is True
+    assert uses_channels_last(timm.create_model("test_efficientnet")) is True
+    assert uses_channels_last(timm.create_model("test_vit")) is False  # its one conv is the patch embedding
+    assert uses_channels_last(nn.Sequential(nn.Linear(2, 3))) is False
+    cpus = os.cpu_count() or 1
+    assert resolve_num_workers("auto") == (0 if cpus == 1 else min(cpus - 1, 4)) and resolve_num_workers(3) == 3
+    recipe = load_recipe({"train": {"channels_last": True, "compile": False}, "data": {"num_workers": "auto"}})
+    assert recipe.train.channels_last is True and recipe.data.num_workers == "auto"
+    with pytest.raises(RecipeError):
+        load_recipe({"train": {"channels_last": "sometimes"}})

@@ -93,7 +93,7 @@ def _recipe(kind: str, data: Path, shots: int, base_ref: str) -> dict[str, Any]:
     recipe: dict[str, Any] = {
         "extends": "full-finetune" if kind == "scratch" else kind,
         "model": model,
-        "surgery": {"heads": {"classifier": {"num_classes": 5}}},
+        "surgery": {},  # the head's class count comes from the data (5 class folders)
         "data": {"root": str(data), "img_size": 32, "augment": "none"},
         "train": {"batch_size": 10, "seed": SEED, "eval_every_epochs": 5},
     }
@@ -157,7 +157,7 @@ def job(out: Path, shots: list[int]) -> None:
         "data": {"root": str(source), "img_size": 32, "augment": "none"},
         "train": {"epochs": 6, "batch_size": 50, "seed": SEED},
     }
-    base = surgery.train(pretrain, output_dir=out / "runs" / "pretrain")
+    base = surgery.train(pretrain, output_dir=out / "runs" / "pretrain", overwrite=True)
     _say(f"   source task top-1 {base.metrics['val_top1']:.3f}")
 
     _say(f"3/6 publishing the base model as {BASE_REPO} (timm format)")
@@ -185,7 +185,9 @@ def job(out: Path, shots: list[int]) -> None:
             name = f"{kind}-{k}shot"
             _say(f"4/6 {name}: training ({k} examples per class of digits 5-9)")
             started = time.perf_counter()
-            result = surgery.train(_recipe(kind, target, k, base_ref), output_dir=out / "runs" / name, progress=False)
+            result = surgery.train(
+                _recipe(kind, target, k, base_ref), output_dir=out / "runs" / name, overwrite=True, progress=False
+            )
             seconds = time.perf_counter() - started
             repo = f"{NAMESPACE}/digits-{name}"
             if kind == "scratch":  # no base to adapt: the whole model is the result

@@ -13,18 +13,15 @@ from torch import nn
 from surgery.adapter.format import CONFIG_FILE, HF_HUB, is_commit
 from surgery.errors import AdapterError, SurgeryError
 from surgery.io import sha256_file
+from surgery.paths import absolute
 
 
 def checkpoint_path(recipe: Any) -> Path | None:
-    """The absolute path of a recipe's ``model.checkpoint`` (relative to the recipe file, else the working folder)."""
+    """A recipe's ``model.checkpoint`` as an absolute path (a loaded recipe's already is: :mod:`surgery.paths`)."""
     spec = recipe.model
     if spec is None or not spec.checkpoint:
         return None
-    path = Path(spec.checkpoint).expanduser()
-    if not path.is_absolute():
-        source = Path(getattr(recipe, "source", "") or "")
-        path = (source.parent if source.is_file() else Path.cwd()) / path
-    return path.resolve()
+    return Path(absolute(spec.checkpoint))
 
 
 def base_ref(recipe: Any, *, token: str | None) -> dict[str, Any]:
@@ -87,7 +84,7 @@ def build_base(
     """
     from surgery.hub import client as hub
     from surgery.models import build_model
-    from surgery.schema import ModelSpec
+    from surgery.recipe import ModelSpec
 
     extra_kwargs = dict(base.get("kwargs") or {})
     name = str(base["model"])

@@ -29,7 +29,8 @@ def plain_norms(model: nn.Module, base_state: Mapping[str, torch.Tensor] | None 
 
     for path, module in list(model.named_modules()):
         new: nn.Module | None = None
-        if isinstance(module, StatsFixed):
+        stats_fixed = isinstance(module, StatsFixed)  # release() changes the module's class in place
+        if stats_fixed:
             new = release(module)
         elif isinstance(module, FrozenBatchNorm2d | FrozenBatchNormAct2d):
             new = unfreeze_batch_norm_2d(module).to(module.running_mean.device)
@@ -40,7 +41,7 @@ def plain_norms(model: nn.Module, base_state: Mapping[str, torch.Tensor] | None 
                     getattr(new, name).copy_(getattr(module, name))
         if new is None:
             continue
-        if not isinstance(module, StatsFixed):
+        if not stats_fixed:
             new.weight.requires_grad_(False)
             new.bias.requires_grad_(False)
             counter = (base_state or {}).get(f"{path}.num_batches_tracked")

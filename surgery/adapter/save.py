@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from surgery.adapter.base import base_model_id, base_ref, build_base, checkpoint_path, warn_local_base
 from surgery.adapter.format import (
@@ -31,7 +30,7 @@ from surgery.adapter.format import (
 )
 from surgery.errors import AdapterError, RecipeError, SurgeryError
 from surgery.io import atomic_write, sha256_file, write_text
-from surgery.norms import StatsFixed
+from surgery.norms import stats_move
 from surgery.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ def expected_tensors(model: nn.Module, plans: Sequence[Plan]) -> tuple[dict[str,
                 required.setdefault(name, "head")
     optional: set[str] = set()
     for path, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and module.track_running_stats and not isinstance(module, StatsFixed):
+        if stats_move(module):
             for buffer in STAT_BUFFERS:
                 name = f"{path}.{buffer}" if path else buffer
                 if name in state and name not in required:
@@ -92,10 +91,10 @@ def expected_tensors(model: nn.Module, plans: Sequence[Plan]) -> tuple[dict[str,
 def replay(model: nn.Module, recipe: Any) -> list[Plan]:
     """Apply every stage of ``recipe`` to a base ``model`` through :func:`surgery.stages.plan_stages` (the one stage
     replay), without touching the caller's random number generator (new heads are initialized, then overwritten)."""
-    from surgery.stages import plan_stages
+    from surgery import stages  # looked up at call time: stages.plan_stages calls stages.plan_stage, the one replay
 
     with torch.random.fork_rng(devices=[]):
-        return [p for _, p in plan_stages(model, recipe)]
+        return [p for _, p in stages.plan_stages(model, recipe)]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

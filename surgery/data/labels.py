@@ -37,8 +37,8 @@ from typing import Any
 
 from PIL import Image
 from timm.data import ImageDataset
-from timm.data.readers.reader import Reader
 
+from surgery.data.folders import SampleListReader
 from surgery.errors import DataError
 
 __all__ = ["LabelsDataset", "LabelsFile", "read_labels_csv"]
@@ -323,27 +323,6 @@ def read_labels_csv(
     return LabelsFile(csv_path=csv_path, class_names=list(names), samples=samples, lines=[r.line for r in rows])
 
 
-class _SampleReader(Reader):
-    """timm Reader over a checked (path, target) list."""
-
-    def __init__(self, root: Path, samples: list[tuple[Path, int]]) -> None:
-        super().__init__()
-        self.root, self.samples = root, samples
-
-    def __getitem__(self, index: int) -> tuple[str, int]:
-        path, target = self.samples[index]
-        return str(path), target  # ImageDataset opens it with PIL, which closes the file after decoding
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
-        path = self.samples[index][0]
-        if basename:
-            return path.name
-        return str(path) if absolute else os.path.relpath(path, self.root)
-
-
 class LabelsDataset(ImageDataset):
     """A timm ``ImageDataset`` over a :class:`LabelsFile`: ``(transform(PIL image), class index)`` per row.
 
@@ -362,7 +341,7 @@ class LabelsDataset(ImageDataset):
     ) -> None:
         super().__init__(
             str(labels.root),
-            reader=_SampleReader(labels.root, labels.samples),
+            reader=SampleListReader(labels.root, labels.samples),
             input_img_mode=img_mode,
             transform=transform,
             target_transform=target_transform,

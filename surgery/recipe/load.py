@@ -15,7 +15,7 @@ import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ import yaml
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from surgery.errors import RecipeError
-from surgery.schema import Recipe
+from surgery.paths import resolve_paths
+from surgery.recipe.schema import Recipe
 
 REPLACE = "_replace_"
 Path_ = tuple[str | int, ...]
@@ -36,6 +37,8 @@ class Origin:
 
     source: str
     line: int | None = None
+    folder: Path | None = field(default=None, compare=False)
+    """The folder of the recipe file (relative paths it writes start there); None for overrides and mappings."""
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}" if self.line else self.source
@@ -74,8 +77,11 @@ def dotted(path: Sequence[str | int]) -> str:
 _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
 
 
-def _read_yaml(text: str, source: str) -> tuple[Any, dict[Path_, Origin]]:
-    """Parse YAML into plain data plus the line of every key and list item, rejecting anything but plain types."""
+def _read_yaml(text: str, source: str, folder: Path | None = None) -> tuple[Any, dict[Path_, Origin]]:
+    """Parse YAML into plain data plus the line of every key and list item, rejecting anything but plain types.
+
+    ``folder`` is the folder of the file the text comes from (None for overrides): relative paths start there.
+    """
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -90,7 +96,7 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[Path_, Origin]]:
         return {}, origins
 
     def walk(n: yaml.Node, path: Path_) -> Any:
-        origins[path] = Origin(source, n.start_mark.line + 1)
+        origins[path] = Origin(source, n.start_mark.line + 1, folder)
         if n.tag not in _SAFE_TAGS and n.tag != "tag:yaml.org,2002:timestamp":
             raise RecipeError(
                 f"{source}:{n.start_mark.line + 1}: {dotted(path) or '<top>'}: YAML tag {n.tag!r} is not allowed; "
@@ -109,9 +115,9 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[Path_, Origin]]:
                         f"{source}:{key_node.start_mark.line + 1}: {dotted((*path, key))}: duplicate key; "
                         "each key may appear once in a mapping"
                     )
-                origins[(*path, key)] = Origin(source, key_node.start_mark.line + 1)
+                origins[(*path, key)] = Origin(source, key_node.start_mark.line + 1, folder)
                 out[key] = walk(value_node, (*path, key))
-                origins[(*path, key)] = Origin(source, key_node.start_mark.line + 1)
+                origins[(*path, key)] = Origin(source, key_node.start_mark.line + 1, folder)
             return out
         if isinstance(n, yaml.SequenceNode):
             return [walk(item, (*path, i)) for i, item in enumerate(n.value)]
@@ -129,6 +135,13 @@ def builtin_recipes() -> dict[str, Path]:
     """Names and paths of the recipes shipped in ``recipes/``."""
     root = resources.files("surgery.recipes")
     return {p.name[: -len(".yaml")]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def recipe_description(path: Path) -> str:
+    """The ``description:`` of a recipe file, read with the YAML reader (empty when it has none)."""
+    data, _ = _read_yaml(path.read_text(encoding="utf-8"), str(path), path.parent)
+    text = data.get("description") if isinstance(data, dict) else None
+    return " ".join(str(text).split()) if text else ""
 
 
 def resolve_recipe_path(ref: str, base: Path | None = None, *, origin: str = "recipe") -> Path:
@@ -203,7 +216,11 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dic
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise RecipeError(f"{path}: cannot read recipe: {err.strerror}") from None
-    data, origins = _read_yaml(text, str(path))
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            f"{path}: not a recipe: byte {err.start} is not UTF-8 text; a recipe is a YAML text file"
+        ) from None
+    data, origins = _read_yaml(text, str(path), path.parent)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}:1: a recipe is a mapping of sections (model:, surgery:, ...), not a {_kind(data)}")
     parents = data.pop("extends", None)
@@ -219,11 +236,30 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dic
         where = origins.get(("extends", i)) or origins.get(("extends",))
         parent_path = resolve_recipe_path(ref, path.parent, origin=f"{where}: extends")
         pdata, porigins = _load_file(parent_path, (*chain, path))
-        merged_origins.update(_merge_origins(merged, pdata, porigins))
+        merged_origins.update(_merge_origins(merged, pdata, _replaced_origins(merged_origins, pdata, porigins)))
         merged = _merge(merged, pdata)
     origins = {k: v for k, v in origins.items() if k[:1] != ("extends",)}
-    merged_origins.update(_merge_origins(merged, data, origins))
+    merged_origins.update(_merge_origins(merged, data, _replaced_origins(merged_origins, data, origins)))
     return _merge(merged, data), merged_origins
+
+
+def _replaced_paths(data: Any, path: Path_ = ()) -> list[Path_]:
+    """Where ``data`` holds ``{_replace_: VALUE}`` (as paths of the merged data, without the ``_replace_`` key)."""
+    if not isinstance(data, dict):
+        return []
+    if set(data) == {REPLACE}:
+        return [path, *_replaced_paths(data[REPLACE], path)]
+    return [p for key, value in data.items() for p in _replaced_paths(value, (*path, key))]
+
+
+def _replaced_origins(merged: dict[Path_, Origin], child: Any, origins: dict[Path_, Origin]) -> dict[Path_, Origin]:
+    """A ``{_replace_: ...}`` in ``child`` replaces what the parents wrote there: forget their origins under it (in
+    ``merged``, in place) and return ``origins`` keyed by the merged layout (no ``_replace_`` in the paths), so an
+    error in a replaced value names the file and line that replaced it."""
+    for path in _replaced_paths(child):
+        for key in [k for k in merged if k[: len(path)] == path and len(k) > len(path)]:
+            del merged[key]
+    return {tuple(part for part in key if part != REPLACE): origin for key, origin in origins.items()}
 
 
 def _kind(value: Any) -> str:
@@ -262,6 +298,8 @@ def apply_override(data: dict[str, Any], override: str, origins: dict[Path_, Ori
             origins[tuple(parts[: i + 1])] = Origin(where)
         if last:
             node[part] = value
+            for stale in [k for k in origins if k[: i + 1] == tuple(parts)]:  # the file no longer wrote these
+                del origins[stale]
         else:
             node = node[part]
     origins[tuple(parts)] = Origin(where)
@@ -420,6 +458,7 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
     data = _copy(data)
     for override in overrides:
         apply_override(data, override, origins)
+    resolve_paths(data, lambda key: origins[key].folder if key in origins else None)  # the one path rule
     return validate(data, origins, name)
 
 
@@ -448,10 +487,23 @@ def with_num_classes(recipe: LoadedRecipe, num_classes: int, *, source: str = "n
     return filled
 
 
+def with_head_classes(recipe: LoadedRecipe, num_classes: int, *, source: str = "--num-classes") -> LoadedRecipe:
+    """:func:`with_num_classes`, adding a new ``heads.classifier`` when the recipe replaces no head (``--num-classes``
+    on a recipe without heads asks for one)."""
+    if not recipe.surgery.heads and num_classes >= 1:
+        from surgery.recipe.schema import HeadSpec
+
+        heads = {"classifier": HeadSpec(num_classes=num_classes)}
+        added = recipe.model_copy(update={"surgery": recipe.surgery.model_copy(update={"heads": heads})})
+        added._origins, added._source = recipe._origins, recipe._source
+        return added
+    return with_num_classes(recipe, num_classes, source=source)
+
+
 def resolved_data(recipe: Recipe, *, predicates: str = "error") -> dict[str, Any]:
     """The fully resolved recipe as plain JSON-ready data, for the copies runs and adapters keep.
 
-    Paths become absolute as the run resolves them (``model.checkpoint`` relative to the recipe file, ``data.root`` to
+    Paths are absolute (:mod:`surgery.paths`: a loaded recipe's already are; a plain :class:`Recipe` resolves against
     the working folder), so the copy rebuilds the same run from anywhere. A Python predicate (``which=callable``) is
     not data: ``predicates="error"`` refuses it, ``"repr"`` writes its repr (a record, not loadable).
     """
@@ -467,14 +519,7 @@ def resolved_data(recipe: Recipe, *, predicates: str = "error") -> dict[str, Any
     data = json.loads(json.dumps(recipe.model_dump(by_alias=True, exclude_none=True), default=default))
     if data.get("train", {}).get("stages"):
         data["train"].pop("epochs", None)  # stages carry their epochs; both keys together are refused
-    source = getattr(recipe, "source", "<mapping>")
-    checkpoint = (data.get("model") or {}).get("checkpoint")
-    if checkpoint and not Path(checkpoint).is_absolute():
-        base = Path(source).parent if not source.startswith("<") else Path.cwd()
-        data["model"]["checkpoint"] = str((base / checkpoint).resolve())
-    root = data.get("data", {}).get("root")
-    if root:
-        data["data"]["root"] = str(Path(root).expanduser().resolve())
+    resolve_paths(data)
     return data
 
 

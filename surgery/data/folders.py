@@ -1,4 +1,4 @@
-"""Image-folder data for training: fail-fast validation, timm transforms and timm datasets.
+"""Image folders for training: fail-fast validation and its report, and the timm datasets over them.
 
 Layout: ``<root>/<train_dir>/<class>/*.png|jpg|jpeg`` and the same class folders under ``<root>/<val_dir>/``.
 Everything heavy is timm's: the preprocessing comes from the model's ``pretrained_cfg`` through
@@ -9,37 +9,20 @@ This module only adds the checks a user needs *before* a run starts and a stable
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
-from timm.data import ImageDataset, create_transform, resolve_data_config
+from timm.data import ImageDataset
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader import Reader
 
+from surgery.data.transforms import build_transforms, resolve_data_cfg
 from surgery.errors import DataError
 
-__all__ = [
-    "AUGMENT_PRESETS",
-    "FolderReport",
-    "build_image_datasets",
-    "build_transforms",
-    "is_deterministic_transform",
-    "resolve_data_cfg",
-    "validate_image_folders",
-]
-
-# Augmentation strength -> extra kwargs for ``timm.data.create_transform(is_training=True)``.
-# "none" is timm's no-aug train pipeline (resize + center crop), the only deterministic one.
-AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
-    "none": {"no_aug": True},
-    "light": {"scale": (0.6, 1.0), "hflip": 0.5, "color_jitter": None},
-    "strong": {"scale": (0.08, 1.0), "hflip": 0.5, "auto_augment": "rand-m9-mstd0.5", "re_prob": 0.25},
-}
+__all__ = ["FolderReport", "SampleListReader", "build_image_datasets", "validate_image_folders"]
 
 Sample = tuple[Path, int]
 
@@ -112,6 +95,13 @@ def _split_dir(root: Path, name: str, which: str) -> Path:
             f"(e.g. {path}/<class_name>/img.png) or set {which}_dir to the folder that holds them"
         )
     return path
+
+
+def class_names(split: Path) -> list[str]:
+    """The class folder names of a split, as training lists them (for planning before any image is read)."""
+    from timm.data import get_img_extensions
+
+    return list(_class_files(split, get_img_extensions(as_set=True)))
 
 
 def _class_files(split: Path, exts: set[str]) -> dict[str, list[Path]]:
@@ -211,103 +201,16 @@ def validate_image_folders(
     )
 
 
-def resolve_data_cfg(model_or_cfg: Any, *, img_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
-    """timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode) with an optional size override.
-
-    ``model_or_cfg`` is a timm model (its ``pretrained_cfg`` is used), a ``pretrained_cfg``/data-config mapping,
-    or a timm model name (its default pretrained cfg, nothing is downloaded).
-    """
-    if isinstance(model_or_cfg, str):
-        import timm.models
-
-        try:
-            pretrained_cfg = timm.models.get_pretrained_cfg(model_or_cfg, allow_unregistered=False).to_dict()
-        except RuntimeError as exc:
-            raise DataError(f"no timm pretrained config for '{model_or_cfg}'; pass the model itself") from exc
-        cfg = resolve_data_config(pretrained_cfg=pretrained_cfg)
-    elif isinstance(model_or_cfg, Mapping):
-        cfg = resolve_data_config(pretrained_cfg=dict(model_or_cfg))
-    elif isinstance(model_or_cfg, torch.nn.Module):
-        cfg = resolve_data_config(model=model_or_cfg)
-    else:
-        raise DataError(f"cannot read a data config from {type(model_or_cfg).__name__}; pass a timm model or dict")
-    if img_size is not None:
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-            raise DataError(f"img_size must be a positive int or (height, width), got {img_size!r}")
-        cfg["input_size"] = (cfg["input_size"][0], *size)
-    return cfg
-
-
-def build_transforms(
-    model_or_cfg: Any,
-    *,
-    img_size: int | tuple[int, int] | None = None,
-    augment: str = "light",
-    is_training: bool,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """timm transform for a model: size, mean/std, interpolation and crop_pct from its ``pretrained_cfg``.
-
-    ``augment`` picks the train-time strength (see ``AUGMENT_PRESETS``): "none" (resize + center crop),
-    "light" (random resized crop with scale 0.6-1 + horizontal flip) or "strong" (full-range crop, flip,
-    RandAugment ``rand-m9-mstd0.5`` and random erasing). Evaluation transforms ignore ``augment``.
-    """
-    if augment not in AUGMENT_PRESETS:
-        raise DataError(f"unknown augment '{augment}'; use one of {', '.join(AUGMENT_PRESETS)}")
-    cfg = resolve_data_cfg(model_or_cfg, img_size=img_size)
-    extra = AUGMENT_PRESETS[augment] if is_training else {}
-    return create_transform(**cfg, is_training=is_training, **extra)
-
-
-# Transforms whose output depends only on their input. Anything not listed counts as random.
-_DETERMINISTIC = {
-    "Resize",
-    "CenterCrop",
-    "Normalize",
-    "ToTensor",
-    "PILToTensor",
-    "ConvertImageDtype",
-    "Grayscale",
-    "Pad",
-    "MaybeToTensor",
-    "MaybePILToTensor",
-    "ToNumpy",
-    "CenterCropOrPad",
-    "TrimBorder",
-    "ResizeToSequence",
-}
-
-
-def is_deterministic_transform(transform: Any) -> bool:
-    """True when ``transform`` has no random step, so features computed once can be cached and reused.
-
-    Walks ``Compose`` (and tuples of transforms) and checks each step against a whitelist of known deterministic
-    torchvision/timm transforms; unknown steps count as random. ``build_transforms(..., augment="none")`` is
-    deterministic, "light" and "strong" are not.
-    """
-    if transform is None:
-        return True
-    if isinstance(transform, (list, tuple)):
-        return all(is_deterministic_transform(t) for t in transform)
-    name = type(transform).__name__
-    if name == "Compose":  # not RandomApply/RandomChoice/RandomOrder, which also hold ``.transforms``
-        return all(is_deterministic_transform(t) for t in transform.transforms)
-    if isinstance(transform, torch.nn.Sequential):
-        return all(is_deterministic_transform(t) for t in transform)
-    if name == "ResizeKeepRatio":
-        return not (transform.random_scale_prob or transform.random_aspect_prob)
-    return name in _DETERMINISTIC
-
-
-class _SampleListReader(Reader):
-    """timm Reader over an already-validated (path, label) list, so skipped files stay out of the dataset."""
+class SampleListReader(Reader):
+    """timm Reader over an already-checked (path, label) list: validated image folders (skipped files stay out) and
+    labels CSV files both use it."""
 
     def __init__(self, root: Path, samples: list[Sample]) -> None:
         super().__init__()
         self.root = root
         self.samples = samples
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[str, int]:
         path, target = self.samples[index]
         return str(path), target  # ImageDataset calls Image.open(path); PIL then closes the file itself
 
@@ -318,7 +221,7 @@ class _SampleListReader(Reader):
         path = self.samples[index][0]
         if basename:
             return path.name
-        return str(path.absolute() if absolute else path.relative_to(self.root))
+        return str(path.absolute()) if absolute else os.path.relpath(path, self.root)
 
 
 def build_image_datasets(
@@ -346,6 +249,6 @@ def build_image_datasets(
     datasets = []
     for samples, split, training in ((report.train, report.train_dir, True), (report.val, report.val_dir, False)):
         transform = build_transforms(cfg, augment=augment, is_training=training)
-        reader = _SampleListReader(split, samples)
+        reader = SampleListReader(split, samples)
         datasets.append(ImageDataset(str(split), reader=reader, input_img_mode=img_mode, transform=transform))
     return datasets[0], datasets[1], list(report.class_names)
