@@ -35,7 +35,7 @@ from torch import nn
 
 from surgery.errors import AdapterError, ModelError, NoMatchingParameterError, RecipeError
 from surgery.layers import layer_of, layers_from_names
-from surgery.schema import LayerRange, Selector
+from surgery.recipe.schema import LayerRange, Selector
 from surgery.select import _closest, match_patterns, select_layers
 
 if TYPE_CHECKING:  # peft (and the transformers it imports) loads on first use, not with `import surgery.lora`
