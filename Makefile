@@ -35,7 +35,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/plan.py
-	$(BIN)/python benchmarks/train.py
+	PYTHONPATH=. $(BIN)/python benchmarks/train.py --real
 	HF_HUB_DISABLE_XET=1 $(BIN)/python benchmarks/adapter.py
 
 clean:
