@@ -99,6 +99,7 @@ def supervise(out: Path, shots: list[int], base: Base) -> int:
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_DISABLE_XET="1", HF_HOME=str(out / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     hub = None
     if "HF_ENDPOINT" not in os.environ:
         shutil.rmtree(out / "hub", ignore_errors=True)
