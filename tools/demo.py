@@ -61,7 +61,7 @@ BASES = {
         tuple(range(10)),
         img_size=64,
         val_per_class=30,
-        batch_size=32,
+        batch_size=16,  # 2 examples x 10 classes: two steps an epoch rather than one
     ),
     # The offline stand-in for tests (no 17 MB package): a tiny test_resnet pretrained here on digits 0-4, then the
     # few-shot task on the digits it never saw, 5-9.
@@ -143,32 +143,35 @@ def supervise(out: Path, shots: list[int], base: Base) -> int:
 # the 20-shot task with the reasoning in docs/getting-started.md; the same settings serve 2 and 5 shots.
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "lite0": {
-        # the head trains on cached backbone features: epochs cost milliseconds
-        "linear-probe": {"optim": {"lr": 1e-2, "weight_decay": 0.0}, "train": {"epochs": 100, "eval_every_epochs": 20}},
+        # The head trains on cached backbone features (epochs cost milliseconds). Swept on cached features of the
+        # 2/5/20-shot sets (lr 3e-4..1e-2, weight decay 0..0.5): lr 1e-3 was best at every shot count and matched
+        # scikit-learn's logistic regression on the same features; 1e-2 overfits in a few steps.
+        "linear-probe": {"optim": {"lr": 1e-3, "weight_decay": 0.05}, "train": {"epochs": 50, "eval_every_epochs": 10}},
+        # Few images: keep ImageNet's BatchNorm statistics (norm: eval); the head at 10x (the built-in lr_mult).
         "full-finetune": {
             "surgery": {"norm": "eval"},
             "optim": {"lr": 1e-3, "weight_decay": 0.01},
-            "train": {"epochs": 12, "eval_every_epochs": 3},
+            "train": {"epochs": 15, "eval_every_epochs": 5},
         },
         "llrd": {
             "surgery": {"norm": "eval"},
-            "optim": {"lr": 3e-3, "weight_decay": 0.01},
-            "train": {"epochs": 12, "eval_every_epochs": 3},
+            "optim": {"lr": 2e-3, "weight_decay": 0.01},
+            "train": {"epochs": 15, "eval_every_epochs": 5},
         },
         "gradual-unfreeze": {
             "surgery": {"norm": "eval"},
-            "optim": {"lr": 1e-2, "weight_decay": 0.0},
+            "optim": {"lr": 1e-2, "weight_decay": 0.05},  # the head stage: a few epochs at the probe's upper lr
             "train": {
-                "eval_every_epochs": 3,
+                "eval_every_epochs": 5,
                 "stages": {
                     "_replace_": [
-                        {"name": "head", "epochs": 6},
-                        {"name": "all", "epochs": 6, "lr": 1e-3, "rules": [{"unfreeze": "*"}]},
+                        {"name": "head", "epochs": 5},
+                        {"name": "all", "epochs": 10, "lr": 5e-4, "rules": [{"unfreeze": "*"}]},
                     ]
                 },
             },
         },
-        "scratch": {"optim": {"lr": 3e-3, "weight_decay": 0.01}, "train": {"epochs": 12, "eval_every_epochs": 3}},
+        "scratch": {"optim": {"lr": 3e-3, "weight_decay": 0.01}, "train": {"epochs": 15, "eval_every_epochs": 5}},
     },
     "toy": {
         "linear-probe": {"optim": {"lr": 3e-2, "weight_decay": 0.0}, "train": {"epochs": 60, "eval_every_epochs": 5}},
