@@ -146,7 +146,10 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         # The head trains on cached backbone features (epochs cost milliseconds). Swept on cached features of the
         # 2/5/20-shot sets (lr 3e-4..1e-2, weight decay 0..0.5): lr 1e-3 was best at every shot count and matched
         # scikit-learn's logistic regression on the same features; 1e-2 overfits in a few steps.
-        "linear-probe": {"optim": {"lr": 1e-3, "weight_decay": 0.05}, "train": {"epochs": 50, "eval_every_epochs": 10}},
+        "linear-probe": {
+            "optim": {"lr": 1e-3, "weight_decay": 0.05},
+            "train": {"batch_size": 32, "epochs": 50, "eval_every_epochs": 10},
+        },
         # Few images: keep ImageNet's BatchNorm statistics (norm: eval). The built-in learning rates stay (1e-4 with
         # the head at 10x; llrd 5e-4 at the top, x0.75 per layer group down): at 1e-3 AdamW wrecks this network's
         # depthwise convolutions (top-1 at chance after 15 epochs at 20 examples per class).
