@@ -1,4 +1,7 @@
-"""`make demo`'s main job end to end (at 2 examples per class, to keep the suite short; `make demo` runs 2, 5, 20)."""
+"""`make demo`'s pipeline end to end on the offline toy base (`--base toy`: a tiny model pretrained here, at 2 examples
+per class, to keep the suite short and free of the 17 MB weights package; `make demo` runs the ImageNet
+EfficientNet-Lite0 base at 2, 5 and 20). tests/test_backbone.py covers the real base's
+conversion and publishing on a tiny model."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import pytest
 def test_demo_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # the embedded hub, not a user's
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.demo", "--out", str(tmp_path), "--shots", "2"],
+        [sys.executable, "-m", "tools.demo", "--out", str(tmp_path), "--shots", "2", "--base", "toy"],
         capture_output=True,
         text=True,
         env=env,
@@ -38,6 +41,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     runs = {r["recipe"]: r for r in json.loads((tmp_path / "results.json").read_text())}
     assert set(runs) == {"linear-probe", "full-finetune", "llrd", "gradual-unfreeze", "scratch"}
     print({k: round(r["top1"], 3) for k, r in runs.items()})
+    assert {r["classes"] for r in runs.values()} == {5}
+    assert runs["linear-probe"]["base"] == "hf-hub:demo/digits-base" and runs["scratch"]["base"] == "test_resnet"
     assert all("in a fresh process" in out and r["ref"].startswith("hf-hub:demo/") for r in runs.values())
     assert runs["linear-probe"]["top1"] >= runs["scratch"]["top1"] + 0.15
     assert runs["full-finetune"]["top1"] >= runs["scratch"]["top1"] + 0.15
