@@ -543,7 +543,7 @@ def test_resume_with_another_recipe_names_the_keys_that_differ(reference: tuple[
     ckpt = latest_checkpoint(ref)
     out = tmp_path / "other"
     shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
-    other = load_recipe(recipe, ["optim.lr=0.01", "train.stages[1].lr=0.002"])
+    other = load_recipe(recipe, ["optim.lr=0.01", "train.stages.1.lr=0.002"])
     with pytest.raises(RecipeError, match="another recipe") as info:
         train(other, output_dir=out, resume=True, progress=False)
     assert "optim.lr: 0.003 in the checkpoint, 0.01 now" in str(info.value)
