@@ -543,7 +543,7 @@ def test_resume_with_another_recipe_names_the_keys_that_differ(reference: tuple[
     ckpt = latest_checkpoint(ref)
     out = tmp_path / "other"
     shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
-    other = load_recipe(recipe, ["optim.lr=0.01", "train.stages[1].lr=0.002"])
+    other = load_recipe(recipe, ["optim.lr=0.01", "train.stages.1.lr=0.002"])
     with pytest.raises(RecipeError, match="another recipe") as info:
         train(other, output_dir=out, resume=True, progress=False)
     assert "optim.lr: 0.003 in the checkpoint, 0.01 now" in str(info.value)
@@ -677,6 +677,14 @@ def test_channels_last_auto_is_on_for_convnets_and_off_for_vits_and_workers_auto
     assert uses_channels_last(timm.create_model("test_efficientnet")) is True
     assert uses_channels_last(timm.create_model("test_vit")) is False  # its one conv is the patch embedding
     assert uses_channels_last(nn.Sequential(nn.Linear(2, 3))) is False
+    from safetensors.torch import save_file
+
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4) % 2
+    model = timm.create_model("test_resnet", num_classes=2)
+    recipe = {"train": {"epochs": 1, "batch_size": 4}}
+    result = train(recipe, model=model, train_data=TensorDataset(x, y), progress=False)
+    assert result.metrics["channels_last"] is True and result.model.conv1[0].weight.is_contiguous()  # handed back plain
+    save_file(result.model.state_dict(), "/dev/null")  # what timm's save_for_hf does
     cpus = os.cpu_count() or 1
     assert resolve_num_workers("auto") == (0 if cpus == 1 else min(cpus - 1, 4)) and resolve_num_workers(3) == 3
     recipe = load_recipe({"train": {"channels_last": True, "compile": False}, "data": {"num_workers": "auto"}})

@@ -825,6 +825,11 @@ class Trainer:
         acc, state = self.acc, self.state
         assert acc is not None and self.plan is not None
         acc.wait_for_everyone()
+        if self.channels_last:  # hand back a plain model: safetensors and timm's save_for_hf need contiguous weights
+            assert self.model is not None
+            self.model.to(memory_format=torch.contiguous_format)
+            if self.ema is not None:
+                self.ema.module.to(memory_format=torch.contiguous_format)
         last = state.history[-1] if state.history else {}
         skipped = len(self.report.skipped) if self.report is not None else 0
         metrics: dict[str, Any] = {
