@@ -27,3 +27,15 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory):
     }
     with HubServer(root) as server:
         yield SimpleNamespace(url=server.url, root=root, tokens=tokens, server=server)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _client_constants():
+    """The hub client reads these at import time: keep every test off huggingface.co and off Xet, whatever the
+    environment says."""
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        yield

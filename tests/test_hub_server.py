@@ -28,7 +28,6 @@ from huggingface_hub import (
     CommitOperationCopy,
     CommitOperationDelete,
     HfApi,
-    constants,
     hf_hub_download,
     hf_hub_url,
     snapshot_download,
@@ -47,15 +46,6 @@ from surgery.hub.server.storage import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIG = 11 * 1024 * 1024  # above the 10 MiB threshold: must travel through LFS
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _client_constants():
-    """The client reads these at import time: keep it off huggingface.co and off Xet whatever the environment says."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import pytest
 from hubtools import client, raw
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from surgery.hub.server import HubServer, add_token, list_tokens, main
@@ -41,15 +41,6 @@ from surgery.hub.server.storage import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_DIR = REPO_ROOT / "surgery" / "hub" / "server"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _client_constants():
-    """The client reads these at import time: keep it off huggingface.co and off Xet whatever the environment says."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        yield
 
 
 @pytest.fixture(scope="module")
