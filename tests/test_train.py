@@ -362,7 +362,8 @@ def test_sigint_saves_a_checkpoint_then_resume_finishes(reference: tuple[Path, P
 # ---------------------------------------------------------------------------------------------- processes
 
 _RANK_SCRIPT = """
-import hashlib, json, sys, torch
+import faulthandler, hashlib, json, sys, torch
+faulthandler.dump_traceback_later(150, exit=True)  # a hang shows every rank's stack in the test's failure
 from accelerate import PartialState
 from surgery.train import train
 result = train(json.load(open(sys.argv[1])), output_dir=sys.argv[2], progress=False)
@@ -687,6 +688,9 @@ def test_channels_last_auto_is_on_for_convnets_and_off_for_vits_and_workers_auto
     save_file(result.model.state_dict(), "/dev/null")  # what timm's save_for_hf does
     cpus = os.cpu_count() or 1
     assert resolve_num_workers("auto") == (0 if cpus == 1 else min(cpus - 1, 4)) and resolve_num_workers(3) == 3
+    # processes share the cores: two training processes on two cores load in the main process (no forked workers)
+    assert resolve_num_workers("auto", processes=cpus) == 0 and resolve_num_workers(3, processes=cpus) == 3
+    assert resolve_num_workers("auto", processes=max(1, cpus // 2)) == min(cpus // max(1, cpus // 2) - 1, 4)
     recipe = load_recipe({"train": {"channels_last": True, "compile": False}, "data": {"num_workers": "auto"}})
     assert recipe.train.channels_last is True and recipe.data.num_workers == "auto"
     with pytest.raises(RecipeError):

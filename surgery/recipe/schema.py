@@ -355,8 +355,9 @@ class DataSpec(_Section):
     skip_bad_images: bool = Field(False, description="Leave undecodable images out instead of stopping with an error.")
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
-        description="Data-loading worker processes per training process. `auto`: min(CPU count - 1, 4), 0 on one "
-        "core; workers are persistent, and memory is pinned on CUDA.",
+        description="Data-loading worker processes per training process. `auto`: min(CPU count // training "
+        "processes on the machine - 1, 4), so 0 when the training processes use every core; workers are persistent, "
+        "and memory is pinned on CUDA.",
     )
 
 

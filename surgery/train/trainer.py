@@ -170,12 +170,15 @@ def _jsonl_tracker(path: Path) -> Any:
     return JsonLinesTracker(path)
 
 
-def resolve_num_workers(value: int | str) -> int:
-    """``data.num_workers``: an int as it is; ``auto`` is min(CPU count - 1, 4), 0 on one core."""
+def resolve_num_workers(value: int | str, processes: int = 1) -> int:
+    """``data.num_workers``: an int as it is; ``auto`` is this process's share of the machine's cores minus the one
+    that trains, at most 4: min(CPU count // processes on this machine - 1, 4), so 0 when the training processes
+    already use every core (two processes on two cores). More workers than cores only compete with training, and a
+    worker forked from a process that runs gloo's threads is the known DataLoader deadlock (pytorch#130610)."""
     if value != "auto":
         return int(value)
     cpus = os.cpu_count() or 1
-    return 0 if cpus <= 1 else min(cpus - 1, 4)
+    return max(0, min(cpus // max(processes, 1) - 1, 4))
 
 
 def uses_channels_last(model: nn.Module) -> bool:
@@ -487,7 +490,9 @@ class Trainer:
             self.val_ds = None if isinstance(self.val_data, DataLoader) or self.val_data is None else self.val_data
             names = getattr(self.train_ds, "classes", None)
             self.class_names = list(names) if names else None
-        workers = resolve_num_workers(data.num_workers)
+        # the processes of this machine share its cores (torchrun sets LOCAL_WORLD_SIZE; one machine otherwise)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        workers = resolve_num_workers(data.num_workers, local)
         if self.train_ds is not None:
             if needs_seeding(self.train_ds):
                 self.seeded = SeededDataset(self.train_ds, spec.seed)
