@@ -234,6 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if stop.is_main_process:
             print(f"surgery: {stop.hint}", file=sys.stderr)
         raise
+    finally:
+        _end_process_group()
     if result.is_main_process:
         keys = ("val_loss", "val_top1", "val_top5", "train_loss")
         print(" ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if k in result.metrics) or "no epochs trained")
@@ -248,6 +250,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"pushed: {result.pushed_url}")
         print(f"outputs: {result.output_dir}")
     return 0
+
+
+def _end_process_group() -> None:
+    """The command is over: leave the process group of `accelerate launch` (train() keeps it for scripts)."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -366,10 +366,16 @@ import faulthandler, hashlib, json, sys, torch
 faulthandler.dump_traceback_later(150, exit=True)  # a hang shows every rank's stack in the test's failure
 from accelerate import PartialState
 from surgery.train import train
+def digest(model):
+    return hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
 result = train(json.load(open(sys.argv[1])), output_dir=sys.argv[2], progress=False)
+# train() leaves the process group to the script: it can train again, and collectives still work
+again = train(json.load(open(sys.argv[1])), output_dir=sys.argv[2] + "-again", progress=False)
 state = PartialState()
-digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in result.model.state_dict().values()))
-open(f"{sys.argv[2]}.rank{state.process_index}", "w").write(digest.hexdigest())
+ranks = [None] * state.num_processes
+torch.distributed.all_gather_object(ranks, state.process_index)
+assert ranks == list(range(state.num_processes)) and digest(again.model) == digest(result.model), "not the same run"
+open(f"{sys.argv[2]}.rank{state.process_index}", "w").write(digest(result.model))
 """
 
 

@@ -410,7 +410,11 @@ class Trainer:
         """Restore the deterministic-algorithms flag, end the trackers, free Accelerate's references."""
         torch.use_deterministic_algorithms(self.was_deterministic)
         if self.acc is not None:
-            self.acc.end_training()
+            # The trackers end here, not the process group (Accelerator.end_training would destroy it): it belongs to
+            # the process, and a script under `accelerate launch` may train again or gather results after train()
+            # returns. `surgery train` destroys it when the command ends.
+            for tracker in self.acc.trackers:
+                tracker.finish()
             self.acc.free_memory()
 
     # ------------------------------------------------------------------------------------------------ checks
