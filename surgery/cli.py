@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a trained model on labelled images: top-1/5, per class, confusion matrix")
     p.add_argument(
         "source",
-        metavar="RUN_OR_ADAPTER",
+        metavar="RUN_OR_ADAPTER_OR_REF",
         help="run folder of `surgery train`, adapter folder or hf-hub:ORG/NAME[@REV]",
     )
     p.add_argument(

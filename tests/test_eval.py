@@ -16,9 +16,11 @@ from safetensors.torch import save_file
 
 import surgery
 from surgery.cli import main
+from surgery.data.transforms import resolve_data_cfg
 from surgery.errors import AdapterError, DataError, SurgeryError
-from surgery.evaluation import CONFUSION_PNG, METRICS_JSON, PREDICTIONS_CSV, evaluate, load_for_eval
+from surgery.evaluation import CONFUSION_PNG, METRICS_JSON, PREDICTIONS_CSV, EvalModel, evaluate, load_for_eval
 from surgery.metrics import EvalResult, read_predictions_csv
+from surgery.recipe import load_recipe
 from surgery.train import train
 from tools.toydata import write_synthetic_folders
 
@@ -204,6 +206,32 @@ def test_a_subset_of_classes_is_scored_with_the_models_class_indices(run: Path, 
     assert result.support == [0, 0, 4] and result.num_classes == 3
     full = evaluate(run, data)
     assert result.confusion[2] == full.confusion[2]  # same rows for the images of class_2
+
+
+def test_a_one_logit_binary_run_is_scored_with_binary_cross_entropy(data: Path, tmp_path: Path) -> None:
+    two = tmp_path / "two"
+    for split in ("val", "test"):
+        for cls in ("class_0", "class_1"):
+            shutil.copytree(data / split / cls, two / split / cls)
+    shutil.copytree(two / "val", two / "train")
+    recipe = {
+        "model": {"name": "test_resnet", "kwargs": {"num_classes": 1}},  # one logit on two classes: loss auto = bce
+        "data": {"root": str(two), "img_size": 32},
+        "train": {"epochs": 1, "batch_size": 4},
+    }
+    run = train(recipe, progress=False)  # in memory: the API takes a trained model with its training's decisions
+    trained = EvalModel(
+        model=run.model,
+        class_names=run.class_names,
+        data_config=resolve_data_cfg(run.model, img_size=32),
+        recipe=load_recipe(recipe),
+        channels_last=True,
+        name="binary",
+    )
+    result = evaluate(trained, two)
+    assert result.binary and result.num_classes == 2 and result.class_names == ["class_0", "class_1"]
+    assert result.top1 == pytest.approx(run.metrics["val_top1"], abs=1e-6)
+    assert result.loss == pytest.approx(run.metrics["val_loss"], rel=1e-5)
 
 
 def test_default_data_is_the_runs_own_split_and_adapters_need_data(run: Path, adapter: Path, base: Path) -> None:

@@ -362,6 +362,7 @@ def test_training_run_from_labels_files_then_eval(shapes: Path, tmp_path: Path, 
 
 
 def test_a_float_column_and_threshold_make_two_classes(shapes: Path, tmp_path: Path) -> None:
+    from surgery.evaluation import evaluate
     from surgery.train import train
 
     def score(cls: str, i: int) -> str:
@@ -370,8 +371,11 @@ def test_a_float_column_and_threshold_make_two_classes(shapes: Path, tmp_path: P
     recipe = _csv_recipe(shapes, tmp_path, target_column="label", label_threshold=0.5)
     for split in ("train", "val"):
         _labels_from_folders(tmp_path / "labels" / "images", split, tmp_path / "labels" / f"{split}.csv", label=score)
-    result = train(recipe, progress=False)
+    result = train(recipe, output_dir=tmp_path / "run", progress=False)
     assert result.class_names == ["0", "1"] and result.model.get_classifier().out_features == 2
+    # eval reads a labels file with the training's target column and threshold: 3 of 9 validation images score >= 0.5
+    scored = evaluate(tmp_path / "run", tmp_path / "labels" / "val.csv")
+    assert scored.support == [6, 3] and scored.top1 == pytest.approx(result.metrics["val_top1"], abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class LrFindResult:
     ratios: list[float]
     diverged: bool
     plot: Path | None = None
-    group_names: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``surgery lr-find --json``)."""
@@ -140,7 +139,7 @@ def lr_find(
     finally:
         trainer.cleanup()
     if plot is not None:
-        result = LrFindResult(**{**result.__dict__, "plot": write_lr_plot(result, plot)})
+        result = replace(result, plot=write_lr_plot(result, plot))
     return result
 
 
