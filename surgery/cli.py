@@ -317,7 +317,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{result.balanced_accuracy:.4f}  loss {result.loss:.4f}"
     )
     width = max(5, *(len(n) for n in result.class_names))
-    print(f"{'class':{width}}  precision  recall     f1  support")
+    print(f"{'class':{width}}  precision  recall      f1  support")
     for row in result.per_class():
         print(
             f"{row['class']:{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:.4f}  "
@@ -343,7 +343,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     end = " (stopped: the loss diverged)" if result.diverged else ""
-    print(f"swept optim.lr from {result.lrs[0]:.2e} to {result.lrs[-1]:.2e} in {len(result.lrs)} steps{end}")
+    print(f"swept {result.key} from {result.lrs[0]:.2e} to {result.lrs[-1]:.2e} in {len(result.lrs)} steps{end}")
     if len(set(result.ratios)) > 1:
         print("param groups keep their lr ratios: " + ", ".join(f"{r:g}" for r in result.ratios))
     if result.suggestion is None:
@@ -351,7 +351,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     else:
         print(
             f"suggested lr: {result.suggestion:.2e} (steepest descent of the smoothed loss); "
-            f"train with optim.lr={result.suggestion:.2e}"
+            f"train with {result.key}={result.suggestion:.2e}"
         )
     print(f"plot: {result.plot}")
     return 0

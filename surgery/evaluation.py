@@ -282,7 +282,12 @@ def evaluate(
     if out is not None:
         folder = Path(out).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        write_confusion_png(result.confusion, result.class_names, folder / CONFUSION_PNG, title=f"{Path(what).name}")
+        write_confusion_png(
+            result.confusion,
+            result.class_names,
+            folder / CONFUSION_PNG,
+            title=f"{Path(trained.name).name} on {Path(what).name}",
+        )
         paths = [os.path.relpath(p, root) for p, _ in samples]
         write_predictions_csv(acc.predictions(paths), folder / PREDICTIONS_CSV)
         record = {"model": trained.name, "data": what, "split": split, **result.to_dict()}

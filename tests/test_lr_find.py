@@ -70,7 +70,13 @@ def test_lr_find_sweeps_keeps_group_ratios_and_changes_nothing_on_disk(setup: Pa
 
 def test_lr_find_stops_when_the_loss_diverges(setup: Path) -> None:
     result = lr_find(setup / "recipe.yaml", ["optim.lr=1"], start_lr=1e-3, end_lr=1e8, steps=60)
-    assert result.diverged and len(result.lrs) < 60
+    assert result.diverged and len(result.lrs) < 60 and result.key == "optim.lr"
+
+
+def test_a_first_stage_lr_is_the_swept_key(setup: Path) -> None:
+    stages = "train.stages=[{epochs: 1, lr: 0.001}, {epochs: 1, rules: [{unfreeze: '*'}]}]"
+    result = lr_find(setup / "recipe.yaml", [stages], start_lr=1e-4, end_lr=1e-2, steps=6)
+    assert result.key == "train.stages[0].lr" and sorted(set(result.ratios)) == [1.0, 10.0]
 
 
 def test_cli_prints_the_suggestion_and_writes_the_plot(setup: Path, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -4,8 +4,8 @@ base learning rate over the plan's param groups, the loss at each step, and a su
 The run is set up exactly as :func:`surgery.train` sets it up (same :class:`~surgery.train.trainer.Trainer` setup:
 data checks, model, stage 0's plan, transforms, timm optimizer), but in memory: nothing is written except the plot,
 the model and the recipe on disk are only read. Each step sets every param group to ``lr * ratio``, where ``ratio``
-is the group's lr over ``optim.lr`` in the plan, so the head-to-backbone lr ratios a recipe sets are kept and the
-suggestion is a value for ``optim.lr``.
+is the group's lr over ``optim.lr`` in the plan (the first stage's ``lr`` when it sets one), so the head-to-backbone
+lr ratios a recipe sets are kept and the suggestion is a value for that key.
 
 The suggestion is fastai's ``steep``: the lr where the smoothed loss (an exponential moving average with bias
 correction, beta 0.98) falls fastest against log(lr), leaving out the first tenth and the last 5 steps. The sweep stops
@@ -35,7 +35,8 @@ SKIP_END = 5  # fastai's lr_find leaves out the last 5 losses (and the first ten
 @dataclass(frozen=True)
 class LrFindResult:
     """The sweep: the base lr and the loss at each step, the smoothed loss, the suggestion (None when too few steps
-    were left to suggest from) and each param group's lr ratio to ``optim.lr``."""
+    were left to suggest from) and each param group's lr ratio to the base lr (``key``: ``optim.lr``, or the first
+    stage's ``lr`` when it sets one)."""
 
     lrs: list[float]
     losses: list[float]
@@ -43,6 +44,7 @@ class LrFindResult:
     suggestion: float | None
     ratios: list[float]
     diverged: bool
+    key: str = "optim.lr"  # the recipe key the swept lr stands for (`train.stages[0].lr` when the first stage sets one)
     plot: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,6 +56,7 @@ class LrFindResult:
             "smoothed": self.smoothed,
             "ratios": self.ratios,
             "diverged": self.diverged,
+            "key": self.key,
             "plot": str(self.plot) if self.plot is not None else None,
         }
 
@@ -87,11 +90,12 @@ def write_lr_plot(result: LrFindResult, path: str | os.PathLike) -> Path:
             [result.suggestion], [result.smoothed[i]], "o", color="tab:red", label=f"suggestion {result.suggestion:.2e}"
         )
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate (optim.lr; every param group keeps its ratio to it)")
+    ax.set_xlabel(f"learning rate ({result.key}; every param group keeps its ratio to it)")
     ax.set_ylabel("training loss")
     finite = [v for v in result.smoothed if math.isfinite(v)]
+    raw = [v for v in result.losses if math.isfinite(v)]
     if finite:  # the divergence at the end would flatten the interesting part
-        low, top = min(finite), min(max(finite), 4 * min(finite) if min(finite) > 0 else max(finite))
+        low, top = min(finite + raw), min(max(finite), 4 * min(finite) if min(finite) > 0 else max(finite))
         ax.set_ylim(low - 0.05 * (top - low + 1e-12), top + 0.05 * (top - low + 1e-12))
     ax.legend(loc="best")
     ax.set_title("learning-rate finder")
@@ -147,7 +151,8 @@ def _sweep(trainer: Any, start: float, end: float, steps: int, diverge: float, b
     from surgery.train.evaluate import split_batch
 
     acc, model, optimizer, spec = trainer.acc, trainer.model, trainer.optimizer, trainer.spec
-    base = trainer.recipe.optim.lr
+    first = trainer.stages[0].lr if trainer.stages else None
+    base, key = (first, "train.stages[0].lr") if first is not None else (trainer.recipe.optim.lr, "optim.lr")
     ratios = [g["lr"] / base for g in optimizer.param_groups]
     loader = trainer.data_loaders["train"]
     if len(loader) == 0:
@@ -195,4 +200,5 @@ def _sweep(trainer: Any, start: float, end: float, steps: int, diverge: float, b
         suggestion=steepest(lrs, smoothed),
         ratios=ratios,
         diverged=diverged,
+        key=key,
     )
