@@ -67,6 +67,7 @@ def _load_run(folder: Path) -> EvalModel:
     """A run folder's saved model (``model.safetensors``) on the base its recipe builds, after every stage's surgery."""
     from safetensors.torch import load_file
 
+    from surgery.adapter.format import CONFIG_FILE, read_config
     from surgery.adapter.save import replay
     from surgery.data.transforms import resolve_data_cfg
     from surgery.models import build_model
@@ -98,10 +99,14 @@ def _load_run(folder: Path) -> EvalModel:
     outputs = getattr(model, "num_classes", None)
     count = heads[0] if heads else outputs if isinstance(outputs, int) else None
     wanted = recipe.train.channels_last
+    data_config = resolve_data_cfg(model, img_size=recipe.data.img_size)  # as the trainer resolved it...
+    if (folder / CONFIG_FILE).is_file():  # ...and recorded it in the run's adapter, which wins
+        recorded = read_config(folder).data_config
+        data_config = recorded.to_timm() if recorded is not None else data_config
     return EvalModel(
         model=model,
         class_names=_class_names(names, count, str(folder)),
-        data_config=resolve_data_cfg(model, img_size=recipe.data.img_size),  # as the trainer resolved it
+        data_config=data_config,
         recipe=recipe,
         channels_last=uses_channels_last(model) if wanted == "auto" else bool(wanted),
         name=str(folder),
