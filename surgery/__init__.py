@@ -74,6 +74,8 @@ _EXPORTS: dict[str, str] = {
     "load_peft": "surgery.lora",
     "save_peft": "surgery.lora",
     "train": "surgery.train",
+    "EvalResult": "surgery.metrics",
+    "evaluate": "surgery.evaluation",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -118,7 +120,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
         RecipeError,
         SurgeryError,
     )
+    from surgery.evaluation import evaluate  # noqa: F401
     from surgery.lora import LoraSpec, MultiAdapterModel, load_peft, save_peft  # noqa: F401
+    from surgery.metrics import EvalResult  # noqa: F401
     from surgery.models import build_model  # noqa: F401
     from surgery.plan import HeadChange, NormChange, ParamPlan, Plan, plan  # noqa: F401
     from surgery.recipe import (  # noqa: F401

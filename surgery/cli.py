@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    p = sub.add_parser("lr-find", help="sweep the learning rate for a few steps and suggest optim.lr (writes a plot)")
+    _add_recipe_args(p)
+    p.add_argument("--model", help="model reference, overriding model.name")
+    p.add_argument("--num-classes", type=int, help="number of classes of every new head (adds heads.classifier)")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="first lr of the sweep (default 1e-7)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last lr of the sweep (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="training steps of the sweep (default 100)")
+    p.add_argument(
+        "--out", metavar="PNG", help="the loss-vs-lr plot (default: a new output/lr-find/<date>-.../lr_find.png)"
+    )
+    p.add_argument("--json", action="store_true", help="print the sweep and the suggestion as one JSON object")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     p = sub.add_parser("push", help="upload an adapter (or merged model) folder to a hub repo as one commit")
     p.add_argument("folder", help="output folder of `surgery train` or `surgery merge`")
     p.add_argument("repo", metavar="ORG/NAME", help="hub repo, created if missing (hub: HF_ENDPOINT, token: HF_TOKEN)")
@@ -95,6 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fingerprint", metavar="SHA256", help="the base fingerprint you trust (sha256:...), checked too")
     p.add_argument("--predict", nargs="+", metavar="IMAGE", help="print the top classes of these images")
     p.add_argument("--top", type=int, default=3, help="classes shown per image with --predict (default 3)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("eval", help="score a trained model on labelled images: top-1/5, per class, confusion matrix")
+    p.add_argument(
+        "source",
+        metavar="RUN_OR_ADAPTER_OR_REF",
+        help="run folder of `surgery train`, adapter folder or hf-hub:ORG/NAME[@REV]",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR_OR_CSV",
+        help="a data root holding val/ or test/ class folders, class folders themselves, or a labels CSV "
+        "(default: the split the run's recipe names)",
+    )
+    p.add_argument("--split", choices=("val", "test"), default="val", help="which split of a data root (default val)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for confusion_matrix.png, predictions.csv and eval.json (default: a new output/eval/<date>-...)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--base", metavar="REF", help="adapters: the base, as for `surgery load --base`")
+    p.add_argument("--fingerprint", metavar="SHA256", help="adapters: the base fingerprint you trust")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("convert", help="import foreign weights (pickle or safetensors) into a timm model's layout")
@@ -260,6 +297,76 @@ def _end_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from surgery.evaluation import CONFUSION_PNG, METRICS_JSON, PREDICTIONS_CSV, evaluate
+    from surgery.train.run_folder import default_output_dir
+
+    if args.batch_size < 1:
+        raise RecipeError(f"surgery eval: --batch-size must be at least 1, got {args.batch_size}")
+    out = (
+        Path(args.out)
+        if args.out
+        else default_output_dir(Path(args.source).name, args.split, root=Path("output") / "eval")
+    )
+    result = evaluate(
+        args.source,
+        args.data,
+        split=args.split,
+        out=out,
+        batch_size=args.batch_size,
+        base=args.base,
+        fingerprint=args.fingerprint,
+    )
+    if args.json:
+        print(json.dumps({**result.to_dict(), "out": str(out)}, indent=2))
+        return 0
+    print(f"{result.num_samples} images, {result.num_classes} classes")
+    top5 = f"  top-5 {result.top5:.4f}" if result.top5 is not None else ""
+    print(
+        f"top-1 {result.top1:.4f}{top5}  macro-F1 {result.macro_f1:.4f}  balanced accuracy "
+        f"{result.balanced_accuracy:.4f}  loss {result.loss:.4f}"
+    )
+    width = max(5, *(len(n) for n in result.class_names))
+    print(f"{'class':{width}}  precision  recall      f1  support")
+    for row in result.per_class():
+        print(
+            f"{row['class']:{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:.4f}  "
+            f"{row['support']:7d}"
+        )
+    print(f"outputs: {out} ({CONFUSION_PNG}, {PREDICTIONS_CSV}, {METRICS_JSON})")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from surgery.train.lr_find import lr_find
+    from surgery.train.run_folder import default_output_dir
+
+    recipe = load_cli_recipe(args.recipe, args.overrides, model=args.model, num_classes=args.num_classes)
+    if args.out:
+        plot = Path(args.out)
+    else:
+        stem = Path(recipe.source).stem if not recipe.source.startswith("<") else None
+        model = recipe.model.name if recipe.model else None
+        plot = default_output_dir(model, stem, root=Path("output") / "lr-find") / "lr_find.png"
+    result = lr_find(recipe, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, plot=plot)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    end = " (stopped: the loss diverged)" if result.diverged else ""
+    print(f"swept {result.key} from {result.lrs[0]:.2e} to {result.lrs[-1]:.2e} in {len(result.lrs)} steps{end}")
+    if len(set(result.ratios)) > 1:
+        print("param groups keep their lr ratios: " + ", ".join(f"{r:g}" for r in result.ratios))
+    if result.suggestion is None:
+        print("no suggestion: too few steps before the loss diverged; lower --end-lr or raise --steps")
+    else:
+        print(
+            f"suggested lr: {result.suggestion:.2e} (steepest descent of the smoothed loss); "
+            f"train with {result.key}={result.suggestion:.2e}"
+        )
+    print(f"plot: {result.plot}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import yaml
 
@@ -299,6 +406,8 @@ COMMANDS = {"plan": cmd_plan, "schema": cmd_schema, "recipes": cmd_recipes}
 COMMANDS["train"] = cmd_train
 COMMANDS.update({"push": cmd_push, "merge": cmd_merge, "load": cmd_load})
 COMMANDS["convert"] = cmd_convert
+COMMANDS["eval"] = cmd_eval
+COMMANDS["lr-find"] = cmd_lr_find
 
 
 def main(argv: Sequence[str] | None = None) -> int:

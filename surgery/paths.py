@@ -6,7 +6,8 @@ reached through ``extends:``. A path in a mapping recipe (the Python API) or in 
 key holds an absolute path, so nothing downstream resolves recipe paths again.
 
 The path keys are the schema fields marked ``format: path`` (``model.checkpoint``, ``data.root``,
-``train.output_dir``), plus the folder of a ``local-dir:`` model reference in ``model.name``.
+``data.train_csv``/``val_csv``/``test_csv``, ``train.output_dir``), plus the folder of a ``local-dir:`` model reference
+in ``model.name``.
 """
 
 from __future__ import annotations

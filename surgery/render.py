@@ -1,11 +1,12 @@
 """Describing a recipe's plan for people and programs: the table ``surgery plan`` prints and its JSON.
 
 :func:`plan_recipe` does everything ``surgery plan`` shows, as an API: load the recipe (overrides, ``--model``,
-``--num-classes``), take the class count from ``data.root`` when no head sets it, fit a fixed-size model to
-``data.img_size``, build the model on the meta device, replay every stage through :func:`surgery.stages.plan_stage`
-(the one replay training and :func:`surgery.load` use too), decide the feature cache and resolve the optimizer. The
-result, a :class:`RecipePlan`, renders as a table (:meth:`RecipePlan.table`) or JSON (:meth:`RecipePlan.to_dict`);
-everything shown comes from the resolved recipe. :func:`plan_table` and :func:`plan_dict` render one :class:`Plan`.
+``--num-classes``), take the class count from ``data.root`` (or ``data.train_csv``) when no head sets it, fit a
+fixed-size model to ``data.img_size``, build the model on the meta device, replay every stage through
+:func:`surgery.stages.plan_stage` (the one replay training and :func:`surgery.load` use too), decide the feature
+cache and resolve the optimizer. The result, a :class:`RecipePlan`, renders as a table (:meth:`RecipePlan.table`)
+or JSON (:meth:`RecipePlan.to_dict`); everything shown comes from the resolved recipe. :func:`plan_table` and
+:func:`plan_dict` render one :class:`Plan`.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def plan_recipe(
 
     ``model`` replaces ``model.name`` (``--model``); ``num_classes`` sizes every new head, adding
     ``heads.classifier`` when the recipe replaces none (``--num-classes``; ``num_classes_source`` names it in errors).
-    Without it, a head with no class count takes the number of class folders under ``data.root`` when that folder
-    exists; otherwise planning raises the :class:`~surgery.errors.HeadError` that names the head.
+    Without it, a head with no class count takes the number of class folders under ``data.root`` (or of classes in
+    ``data.train_csv``) when it exists; otherwise planning raises the :class:`~surgery.errors.HeadError` that names
+    the head.
     """
     from surgery import stages
     from surgery.features import feature_cache_reason
@@ -103,10 +105,14 @@ def plan_recipe(
     if num_classes is not None:
         recipe = with_head_classes(recipe, num_classes, source=num_classes_source)
     elif any(h.num_classes is None for h in recipe.surgery.heads.values()):
-        counted = _count_classes(recipe)
-        if counted is not None:
-            recipe = with_num_classes(recipe, counted, source=f"data.root ({counted} class folders)")
-            notes.append(f"classes: {counted} (from data.root)")
+        from surgery.data.source import count_classes
+
+        found = count_classes(recipe)
+        if found is not None:
+            counted, key = found
+            kind = "class folders" if key == "data.root" else "classes"
+            recipe = with_num_classes(recipe, counted, source=f"{key} ({counted} {kind})")
+            notes.append(f"classes: {counted} (from {key})")
     if recipe.model is None:
         raise RecipeError(f"{recipe.source}: the recipe has no model: add model.name to it or pass --model NAME")
     recipe, note = fit_img_size(recipe)
@@ -121,20 +127,6 @@ def plan_recipe(
         optimizer=describe_optimizer(recipe.optim, where=recipe.where("optim")),
         notes=tuple(notes),
     )
-
-
-def _count_classes(recipe: LoadedRecipe) -> int | None:
-    """The number of class folders under ``data.root``'s training folder, listed as training lists them; None when
-    there is no such folder (planning then names the head that needs a count)."""
-    from surgery.data import class_names
-
-    data = recipe.data
-    if not data.root:
-        return None
-    train = Path(data.root) / data.train_dir
-    if not train.is_dir():
-        return None
-    return len(class_names(train))
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -294,3 +296,156 @@ def test_dataset_loads_images(folder: Path) -> None:
     assert img.mode == "L" and img.size == (8, 6)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
     assert batch[0].shape == (2, 3, 16, 16) and batch[1].tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------------------------ recipes with labels files
+
+
+def _labels_from_folders(data: Path, split: str, csv: Path, *, label=lambda cls, i: cls) -> Path:
+    """A labels CSV listing ``data/<split>/<class>/*.png`` with paths relative to the CSV's folder."""
+    rows = ["path,label"]
+    for i, cls in enumerate(sorted(p.name for p in (data / split).iterdir())):
+        for img in sorted((data / split / cls).iterdir()):
+            rows.append(f"{os.path.relpath(img, csv.parent)},{label(cls, i)}")
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tools.toydata import write_synthetic_folders
+
+    return write_synthetic_folders(tmp_path_factory.mktemp("shapes") / "data", classes=3, per_class=6, val_per_class=3)
+
+
+def _csv_recipe(shapes: Path, folder: Path, **data: object) -> dict:
+    """Labels files in ``folder/labels`` over a copy of the images below it (a labels file's images stay below it)."""
+    import shutil
+
+    shutil.copytree(shapes, folder / "labels" / "images")
+    shapes = folder / "labels" / "images"
+    train = _labels_from_folders(shapes, "train", folder / "labels" / "train.csv")
+    val = _labels_from_folders(shapes, "val", folder / "labels" / "val.csv", label=lambda cls, i: i)  # indices
+    return {
+        "model": {"name": "test_resnet"},
+        "surgery": {"heads": {"classifier": {}}},
+        "data": {"train_csv": str(train), "val_csv": str(val), "img_size": 32, **data},
+        "train": {"epochs": 1, "batch_size": 6},
+    }
+
+
+def test_training_run_from_labels_files_then_eval(shapes: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A recipe file names its CSVs relative to itself; the run trains, plans and evaluates from them."""
+    import json
+
+    import yaml
+
+    from surgery.cli import main
+
+    recipe = _csv_recipe(shapes, tmp_path)
+    recipe["data"].update(train_csv="labels/train.csv", val_csv="labels/val.csv")  # relative to the recipe file
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["plan", str(tmp_path / "recipe.yaml")]) == 0
+    assert "classes: 3 (from data.train_csv)" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "run"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["class_names"] == ["class_0", "class_1", "class_2"] and metrics["steps"] == 3
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert saved["data"]["val_csv"] == str(tmp_path / "labels" / "val.csv")  # absolute after loading (surgery.paths)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--json", "--out", str(tmp_path / "eval")]) == 0  # the run's val_csv
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(metrics["val_top1"], abs=1e-6)
+
+
+def test_a_float_column_and_threshold_make_two_classes(shapes: Path, tmp_path: Path) -> None:
+    from surgery.evaluation import evaluate
+    from surgery.train import train
+
+    def score(cls: str, i: int) -> str:
+        return "0.9" if cls == "class_2" else f"0.{i + 1}"
+
+    recipe = _csv_recipe(shapes, tmp_path, target_column="label", label_threshold=0.5)
+    for split in ("train", "val"):
+        _labels_from_folders(tmp_path / "labels" / "images", split, tmp_path / "labels" / f"{split}.csv", label=score)
+    result = train(recipe, output_dir=tmp_path / "run", progress=False)
+    assert result.class_names == ["0", "1"] and result.model.get_classifier().out_features == 2
+    # eval reads a labels file with the training's target column and threshold: 3 of 9 validation images score >= 0.5
+    scored = evaluate(tmp_path / "run", tmp_path / "labels" / "val.csv")
+    assert scored.support == [6, 3] and scored.top1 == pytest.approx(result.metrics["val_top1"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"root": "somewhere"}, "set either 'root' (class folders) or 'train_csv'/'val_csv' (labels files), not both"),
+        ({"val_csv": None}, "'train_csv' needs 'val_csv' too: training reads both labels files"),
+        ({"train_csv": None}, "'val_csv' needs 'train_csv' too"),
+        ({"label_threshold": 0.5}, "'target_column' and 'label_threshold' go together"),
+        ({"target_column": "score"}, "'target_column' and 'label_threshold' go together"),
+        ({"target_column": "s", "label_threshold": "nan"}, "data.label_threshold"),
+    ],
+)
+def test_recipe_keys_of_labels_files_are_checked_at_load(shapes: Path, tmp_path: Path, data: dict, match: str) -> None:
+    from surgery.errors import RecipeError
+    from surgery.recipe import load_recipe
+
+    recipe = _csv_recipe(shapes, tmp_path)
+    recipe["data"].update(data)
+    recipe["data"] = {k: v for k, v in recipe["data"].items() if v is not None}
+    with pytest.raises(RecipeError, match=re.escape(match)) as info:
+        load_recipe(recipe)
+    assert "\n" not in str(info.value)
+
+
+def _break(case: str, recipe: dict, tmp_path: Path, shapes: Path) -> None:
+    val = Path(recipe["data"]["val_csv"])
+    if case == "missing-file":
+        recipe["data"]["val_csv"] = str(tmp_path / "nope.csv")
+    elif case == "unknown-val-label":
+        val.write_text(val.read_text().replace(",2\n", ",7\n", 1))
+    elif case == "val-lacks-a-class":
+        val.write_text("".join(line for line in val.read_text().splitlines(True) if not line.endswith(",1\n")))
+    elif case == "same-file":
+        recipe["data"]["val_csv"] = recipe["data"]["train_csv"]
+    elif case == "missing-image":
+        (tmp_path / "labels" / "extra.png").unlink(missing_ok=True)
+        val.write_text(val.read_text() + "extra.png,0\n")
+    elif case == "undecodable":
+        (tmp_path / "labels" / "bad.png").write_bytes(b"not an image")
+        val.write_text(val.read_text() + "bad.png,0\n")
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("missing-file", r"^data\.val_csv: .*nope\.csv: labels file does not exist; check the path"),
+        ("unknown-val-label", r"^data\.val_csv: .*val\.csv:\d+: label index 7 is out of range for 3 classes"),
+        ("val-lacks-a-class", r"^data\.val_csv: .*val\.csv: class 'class_1' \(index 1\) has no rows"),
+        ("same-file", r"^data\.val_csv: .*train\.csv is data\.train_csv too; give validation its own held-out images"),
+        ("missing-image", r"^data\.val_csv: .*val\.csv:11: 1 listed image\(s\) do not exist: 'extra\.png' \(line 11\)"),
+        ("undecodable", r"^cannot decode image '.*bad\.png': .*data\.skip_bad_images"),
+    ],
+)
+def test_bad_labels_data_is_reported_before_training(shapes: Path, tmp_path: Path, case: str, match: str) -> None:
+    from surgery.train import train
+
+    recipe = _csv_recipe(shapes, tmp_path)
+    _break(case, recipe, tmp_path, shapes)
+    with pytest.raises(DataError, match=match) as info:
+        train(recipe, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_undecodable_images_of_labels_files_can_be_skipped(shapes: Path, tmp_path: Path) -> None:
+    from surgery.data.source import validate_data
+    from surgery.recipe import load_recipe
+
+    recipe = _csv_recipe(shapes, tmp_path, skip_bad_images=True)
+    _break("undecodable", recipe, tmp_path, shapes)
+    report = validate_data(load_recipe(recipe))
+    assert [p.name for p in report.skipped] == ["bad.png"] and len(report.val) == 9 and len(report.train) == 18
+    assert report.classes_source == "data.train_csv (3 classes)"

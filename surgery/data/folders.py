@@ -22,7 +22,14 @@ from timm.data.readers.reader import Reader
 from surgery.data.transforms import build_transforms, resolve_data_cfg
 from surgery.errors import DataError
 
-__all__ = ["FolderReport", "SampleListReader", "build_image_datasets", "validate_image_folders"]
+__all__ = [
+    "FolderReport",
+    "SampleListReader",
+    "build_image_datasets",
+    "decode_errors",
+    "scan_eval_folder",
+    "validate_image_folders",
+]
 
 Sample = tuple[Path, int]
 
@@ -38,11 +45,18 @@ class FolderReport:
     train: list[Sample]
     val: list[Sample]
     skipped: list[Path] = field(default_factory=list)
+    origin: str = "data.root"  # the recipe key the classes come from, for messages ("data.train_csv")
 
     @property
     def class_to_idx(self) -> dict[str, int]:
         """Class name -> label index (index order = sorted class names, identical for both splits)."""
         return {name: i for i, name in enumerate(self.class_names)}
+
+    @property
+    def classes_source(self) -> str:
+        """Where the classes come from, for messages: ``data.root (3 class folders)``, ``data.train_csv (3 classes)``"""
+        n = len(self.class_names)
+        return f"{self.origin} ({n} {'class folders' if self.origin == 'data.root' else 'classes'})"
 
     @property
     def train_counts(self) -> dict[str, int]:
@@ -85,6 +99,23 @@ def _decode_error(path: Path) -> str | None:
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         return _one_line(exc)
     return None
+
+
+def decode_errors(files: list[Path], *, skip_bad_images: bool = False) -> dict[Path, str | None]:
+    """Decode every file fully (in threads: PIL decodes without the GIL); file -> why it fails, or None.
+
+    Raises :class:`~surgery.errors.DataError` for the first undecodable file unless ``skip_bad_images``.
+    """
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        errors = dict(zip(files, pool.map(_decode_error, files), strict=True))
+    bad = [f for f in files if errors[f] is not None]
+    if bad and not skip_bad_images:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(
+            f"cannot decode image '{bad[0]}'{more}: {errors[bad[0]]}; "
+            "delete or replace it, or pass skip_bad_images=True (data.skip_bad_images) to leave undecodable images out"
+        )
+    return errors
 
 
 def _split_dir(root: Path, name: str, which: str) -> Path:
@@ -172,15 +203,8 @@ def validate_image_folders(
                 raise no_images(split / name, "no images")
 
     all_files = [f for files in splits.values() for name in class_names for f in files[name]]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        errors = dict(zip(all_files, pool.map(_decode_error, all_files), strict=True))
+    errors = decode_errors(all_files, skip_bad_images=skip_bad_images)
     bad = [f for f in all_files if errors[f] is not None]
-    if bad and not skip_bad_images:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(
-            f"cannot decode image '{bad[0]}'{more}: {errors[bad[0]]}; "
-            "delete or replace it, or pass skip_bad_images=True to leave undecodable images out"
-        )
 
     samples: dict[Path, list[Sample]] = {}
     for split, files in splits.items():
@@ -199,6 +223,35 @@ def validate_image_folders(
         val=samples[val_path],
         skipped=bad,
     )
+
+
+def scan_eval_folder(split: str | os.PathLike, class_names: list[str]) -> list[Sample]:
+    """The labelled images of one class-folder split, labelled by the model's ``class_names`` (for evaluation).
+
+    Every class folder must be one of the model's classes (a model cannot be scored on a class it does not know);
+    the model's classes the folder lacks just have no samples. Raises :class:`~surgery.errors.DataError` for a
+    missing folder, an unknown or empty class folder, or an undecodable image.
+    """
+    path = Path(split).expanduser()
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise DataError(f"evaluation folder '{path}' {what}; give a folder with one subfolder per class")
+    files = _class_files(path, get_img_extensions(as_set=True))
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [name for name in files if name not in index]
+    if unknown:
+        n = len(class_names)
+        known = ", ".join(class_names[:10]) + (f", ... ({n} classes)" if n > 10 else "")
+        raise DataError(
+            f"class folder '{path / unknown[0]}' is not one of the model's {n} classes ({known}); the data's classes "
+            "must be the training's: rename or remove the folder, or evaluate the model trained on these classes"
+        )
+    for name, found in files.items():
+        if not found:
+            raise DataError(f"class folder '{path / name}' has no images; add images or remove the folder")
+    samples = [(f, index[name]) for name, found in files.items() for f in found]
+    decode_errors([f for f, _ in samples])
+    return samples
 
 
 class SampleListReader(Reader):

@@ -359,6 +359,48 @@ class DataSpec(_Section):
         "processes on the machine - 1, 4), so 0 when the training processes use every core; workers are persistent, "
         "and memory is pinned on CUDA.",
     )
+    # labels CSV files (surgery.data.labels): instead of class folders under `root`
+    train_csv: str | None = Field(
+        None,
+        description="Labels CSV of the training images instead of class folders: a `path,label` header, then one row "
+        "per image; a path is relative to the CSV's folder, a label is a class name or an index from 0. A relative "
+        "path to the CSV is relative to the recipe file that sets it. Needs `val_csv`; not with `root`.",
+        json_schema_extra={"format": PATH_FORMAT},
+    )
+    val_csv: str | None = Field(
+        None,
+        description="Labels CSV of the validation images (same format and classes as `train_csv`).",
+        json_schema_extra={"format": PATH_FORMAT},
+    )
+    test_csv: str | None = Field(
+        None,
+        description="Labels CSV of held-out test images, for `surgery eval RUN --split test` (same format).",
+        json_schema_extra={"format": PATH_FORMAT},
+    )
+    target_column: str | None = Field(
+        None,
+        description="Labels CSV column holding a number per image (a score) instead of `label`; `label_threshold` "
+        "turns it into 2 classes: `0` below the threshold, `1` at or above it.",
+    )
+    label_threshold: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="The threshold that makes classes of `target_column` (needs `target_column`).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if self.root is not None and (self.train_csv is not None or self.val_csv is not None):
+            raise ValueError("set either 'root' (class folders) or 'train_csv'/'val_csv' (labels files), not both")
+        if (self.train_csv is None) != (self.val_csv is None):
+            given, other = ("train_csv", "val_csv") if self.train_csv is not None else ("val_csv", "train_csv")
+            raise ValueError(f"'{given}' needs '{other}' too: training reads both labels files")
+        if (self.target_column is None) != (self.label_threshold is None):
+            raise ValueError(
+                "'target_column' and 'label_threshold' go together: the threshold turns the column's numbers into "
+                "classes; set both or neither"
+            )
+        return self
 
 
 class HubSpec(_Section):
@@ -381,10 +423,10 @@ class HubSpec(_Section):
 class Recipe(_Section):
     """A whole recipe file. `extends:` (one or more parent recipes) is resolved by the loader before validation.
 
-    Paths: a relative path (`model.checkpoint`, `data.root`, `train.output_dir`, a `local-dir:` model) is relative to
-    the folder of the recipe file that writes it, also when that file is a parent reached through `extends:`. In a
-    mapping (the Python API) or a command-line override (`data.root=...`) it is relative to the working folder. `~` is
-    expanded. A loaded recipe holds absolute paths only.
+    Paths: a relative path (`model.checkpoint`, `data.root`, `data.*_csv`, `train.output_dir`, a `local-dir:` model)
+    is relative to the folder of the recipe file that writes it, also when that file is a parent reached through
+    `extends:`. In a mapping (the Python API) or a command-line override (`data.root=...`) it is relative to the
+    working folder. `~` is expanded. A loaded recipe holds absolute paths only.
     """
 
     description: str | None = Field(None, description="What this recipe is for; shown by `surgery plan`.")

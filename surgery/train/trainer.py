@@ -98,9 +98,10 @@ def train(
     """Apply ``recipe`` to ``model`` (built from ``recipe.model`` when None) and train it; see the module docstring.
 
     ``train_data``/``val_data`` are Datasets or DataLoaders yielding ``(inputs, targets)``; when omitted, the image
-    folders of ``recipe.data.root`` are validated (before anything else) and loaded through timm. New heads take
-    their class count from the data (or ``num_classes``); a model whose own classifier does not match the data is an
-    error. ``output_dir`` (default ``recipe.train.output_dir``; None keeps everything in memory) receives the files of
+    folders of ``recipe.data.root`` (or its labels files ``data.train_csv``/``val_csv``) are validated (before
+    anything else) and loaded through timm. New heads take their class count from the data (or ``num_classes``); a
+    model whose own classifier does not match the data is an error. ``output_dir`` (default
+    ``recipe.train.output_dir``; None keeps everything in memory) receives the files of
     :mod:`surgery.train.run_folder` and the adapter. ``resume=True`` continues from the newest checkpoint there (an
     error when there is none); ``overwrite=True`` replaces an earlier run in that folder.
     """
@@ -421,23 +422,14 @@ class Trainer:
     def _validate_data(self) -> Any:
         if self.train_data is not None:
             return None
-        data = self.recipe.data
-        if data.root is None:
-            raise DataError(
-                f"{self.recipe.where('data', 'root')}: no training data: set data.root to a folder with train/ and "
-                "val/ (one subfolder per class), or pass train_data in the Python API"
-            )
-        from surgery.data.folders import validate_image_folders
+        from surgery.data.source import validate_data  # image folders or labels CSV files
 
-        return validate_image_folders(
-            data.root, train_dir=data.train_dir, val_dir=data.val_dir, skip_bad_images=data.skip_bad_images
-        )
+        return validate_data(self.recipe)
 
     def _data_classes(self) -> tuple[int | None, str]:
         """The data's class count (None when it cannot tell) and how to name where it comes from."""
         if self.report is not None:
-            n = len(self.report.class_names)
-            return n, f"data.root ({n} class folders)"
+            return len(self.report.class_names), self.report.classes_source
         names = getattr(self.train_data, "classes", None)  # torchvision/timm datasets list their classes
         if names:
             return len(names), f"the training data ({len(names)} classes)"
