@@ -122,9 +122,10 @@ def write_skipped(out: Path, skipped: Sequence[Path]) -> None:
         (out / SKIPPED).write_text("".join(f"{p}\n" for p in skipped))
 
 
-def plot(history: list[dict[str, Any]], path: Path, title: str = "learning curve", best: int | None = None) -> None:
+def plot(history: list[dict[str, Any]], path: Path, title: str = "learning curve", best: int | None = None) -> Any:
     """The learning curve: train and val loss per epoch, val top-1 and macro-F1 on a second axis; integer epoch
-    ticks, a dotted line where a stage begins, the ``best`` epoch marked, ``title`` naming the run."""
+    ticks, a dotted line where a stage begins, the ``best`` epoch marked, ``title`` naming the run. Returns the
+    (closed) matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -171,3 +172,4 @@ def plot(history: list[dict[str, Any]], path: Path, title: str = "learning curve
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig

@@ -650,7 +650,7 @@ class Trainer:
             weights = class_weights(counts, spec.class_weights)
             if weights is not None and self.acc is not None and self.acc.is_main_process:
                 shown = ", ".join(f"{w:.3g}" for w in weights.tolist()[:10])
-                log.info("class weights: %s%s", shown, " ..." if len(weights) > 10 else "")
+                log.info("train.class_weights: %s%s", shown, " ..." if len(weights) > 10 else "")
         self.loss = Loss(spec.loss, spec.label_smoothing, weights)
         if spec.mixing:
             from timm.data import Mixup
@@ -1111,6 +1111,7 @@ class Trainer:
             "monitor": self.spec.monitor,
             "best": state.best,
             "stopped_early": state.stopped,
+            "class_weights": self.loss.weights.tolist() if self.loss.weights is not None else None,
             "epochs": state.epoch,
             "steps": state.global_step,
             "processes": acc.num_processes,
