@@ -372,3 +372,51 @@ def test_learning_curve_marks_stages_and_the_best_epoch_with_integer_ticks(tmp_p
     assert all(float(t).is_integer() for t in ax.get_xticks())
     assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [2.5]
     assert any(line.get_xdata()[0] == 4 for line in fig.axes[1].lines if len(line.get_xdata()) == 2)
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+_RANK_SCRIPT = """
+import hashlib, json, sys
+from accelerate import PartialState
+from surgery.train import train
+result = train(json.load(open(sys.argv[1])), output_dir=sys.argv[2], progress=False)
+state = PartialState()
+sd = result.model.state_dict()
+digest = hashlib.sha256(b"".join(sd[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(sd)))
+open(f"{sys.argv[2]}.rank{state.process_index}", "w").write(digest.hexdigest())
+"""
+
+
+def test_two_processes_agree_on_the_best_epoch_and_keep_it(skewed: Path, tmp_path: Path) -> None:
+    """The issue's case: two processes, metrics gathered over both, the best epoch kept and reported by every rank."""
+    import hashlib
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    recipe = _recipe(skewed, epochs=4, keep_best=True, monitor="val_macro_f1", class_weights="auto")
+    recipe["data"] |= {"sampler": "balanced", "test_dir": "test"}
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    (tmp_path / "rank.py").write_text(_RANK_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    cmd += [str(tmp_path / "rank.py"), str(tmp_path / "r.json"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    digests = {Path(f"{out}.rank{i}").read_text() for i in range(2)}
+    assert len(digests) == 1  # both ranks end on the best epoch's weights
+    best = load_file(str(out / "best" / "model.safetensors"))
+    assert hashlib.sha256(b"".join(best[k].numpy().tobytes() for k in sorted(best))).hexdigest() in digests
+    m = json.loads((out / "metrics.json").read_text())
+    values = [h["val_macro_f1"] for h in m["history"]]
+    assert m["processes"] == 2 and m["selected"] == "best" and m["val_macro_f1"] == max(values)
+    assert m["best"]["epoch"] == values.index(max(values)) + 1 and "test_macro_f1" in m
+    assert sum(c["support"] for c in m["test_per_class"]) == 6  # gathered without the padding duplicates
