@@ -102,7 +102,7 @@ def test_keep_best_takes_the_adapter_and_metrics_from_the_best_epoch(skewed: Pat
     assert adapter and all(torch.equal(adapter[k], best[k]) for k in adapter if k in best)
     if best_epoch != 4:  # model.safetensors stays the last state
         assert not _equal(out / "model.safetensors", out / "best" / "model.safetensors")
-    assert f"best epoch {best_epoch}" in (out / "train.log").read_text()
+    assert f"at epoch {best_epoch}; the adapter and metrics.json hold the best epoch" in (out / "train.log").read_text()
 
 
 def test_without_keep_best_metrics_name_the_best_epoch_and_come_from_the_last(skewed: Path, tmp_path: Path) -> None:

@@ -962,6 +962,11 @@ class Trainer:
                 if self.scheduler is not None:
                     self.scheduler.step_update(state.stage_step)
                 if self.mixup is not None:  # timm's Mixup draws from NumPy, seeded by seed_step: exact resume
+                    if len(x) % 2:
+                        raise DataError(
+                            f"train.mixup/cutmix pair the samples of a batch and got a batch of {len(x)}; give more "
+                            "training samples than train.batch_size, or a DataLoader with drop_last=True"
+                        )
                     x, y = self.mixup(x, y)
                 logits = net(x)
                 loss = self.loss(logits, y)
@@ -1132,7 +1137,7 @@ class Trainer:
         if acc.is_main_process and state.best is not None:
             b = state.best
             self._log_line(
-                f"best epoch {b['epoch']} ({b['monitor']} {b['value']:.4f}); the adapter and metrics.json hold the "
+                f"best {b['monitor']} {b['value']:.4f} at epoch {b['epoch']}; the adapter and metrics.json hold the "
                 + (
                     "best epoch (train.keep_best)"
                     if selected == "best"
