@@ -274,8 +274,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         _end_process_group()
     if result.is_main_process:
-        keys = ("val_loss", "val_top1", "val_top5", "train_loss")
-        print(" ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if k in result.metrics) or "no epochs trained")
+        m = result.metrics
+        keys = ("val_loss", "val_top1", "val_top5", "val_macro_f1", "train_loss", "test_top1", "test_macro_f1")
+        line = " ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)
+        if line and m.get("selected_epoch"):  # which epoch the numbers (and the adapter) come from
+            stopped = ", stopped early" if m.get("stopped_early") else ""
+            line += f" ({m['selected']} epoch {m['selected_epoch']}{stopped})"
+        print(line or "no epochs trained")
         if result.skipped_images:
             from surgery.train.run_folder import SKIPPED
 

@@ -60,7 +60,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
 
 
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
-RUNNABLE = ["README.md", "docs/getting-started.md", "docs/api.md", "docs/lora.md"]
+RUNNABLE = ["README.md", "docs/getting-started.md", "docs/api.md", "docs/lora.md", "docs/imbalanced.md"]
 
 
 @pytest.mark.parametrize("page", RUNNABLE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import colorsys
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ SPLITS = ("train", "val")
 def _prepare(root: str | os.PathLike, overwrite: bool) -> Path:
     """Create ``root``; refuse to mix with existing split folders unless ``overwrite`` (which removes only those)."""
     root = Path(root).expanduser()
-    for split in SPLITS:
+    for split in (*SPLITS, "test"):
         path = root / split
         if path.exists() and any(path.iterdir()):
             if not overwrite:
@@ -123,6 +123,8 @@ def write_synthetic_folders(
     seed: int = 0,
     val_per_class: int | None = None,
     overwrite: bool = False,
+    train_counts: Sequence[int] | None = None,
+    test_per_class: int | None = None,
 ) -> Path:
     """Write tiny generated RGB PNG folders ``root/{train,val}/class_<k>/*.png`` for fast tests.
 
@@ -130,18 +132,26 @@ def write_synthetic_folders(
     with random position, size and brightness, so a small CNN separates classes quickly. Class folder names are
     zero-padded (``class_0``.. or ``class_00``..) so sorted order equals ``k``. ``per_class`` train images and
     ``val_per_class`` (default ``per_class``) val images per class; deterministic for a given seed. Returns ``root``.
+    ``train_counts`` gives each class its own number of train images (imbalanced data); ``test_per_class`` also
+    writes a ``test/`` split.
     """
+    if train_counts is not None and (len(train_counts) != classes or min(train_counts) < 1):
+        raise DataError(f"train_counts needs {classes} counts >= 1, got {list(train_counts)}")
     if classes < 1 or per_class < 1 or (val_per_class is not None and val_per_class < 1):
         raise DataError(f"need classes >= 1 and >= 1 image per class, got classes={classes}, per_class={per_class}")
     root = _prepare(root, overwrite)
     rng = np.random.default_rng(seed)
     width = len(str(classes - 1))
     counts = {"train": per_class, "val": per_class if val_per_class is None else val_per_class}
-    for split in SPLITS:
+    splits = SPLITS
+    if test_per_class is not None:
+        counts["test"], splits = test_per_class, (*SPLITS, "test")
+    for split in splits:
         for label in range(classes):
             folder = root / split / f"class_{label:0{width}d}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(counts[split]):
+            n = train_counts[label] if split == "train" and train_counts is not None else counts[split]
+            for i in range(n):
                 _shape_image(rng, label, classes, size).save(folder / f"{i:03d}.png")
     return root
 

@@ -17,6 +17,7 @@ from surgery.paths import PATH_FORMAT
 __all__ = [
     "SCHEDULERS",
     "DataSpec",
+    "EarlyStopping",
     "HeadSpec",
     "HubSpec",
     "LayerRange",
@@ -241,6 +242,29 @@ class StageSpec(_Section):
     )
 
 
+MONITOR_TYPE = Literal[
+    "val_top1",
+    "val_loss",
+    "val_macro_f1",
+    "val_balanced_acc",
+    "val_top5",
+    "ema_val_top1",
+    "ema_val_loss",
+    "ema_val_macro_f1",
+    "ema_val_balanced_acc",
+    "ema_val_top5",
+]
+
+
+class EarlyStopping(_Section):
+    """`train.early_stopping`: when to give up on a run whose monitored metric no longer improves."""
+
+    patience: int = Field(ge=1, description="Evaluations without improvement before training stops.")
+    min_delta: float = Field(
+        0.0, ge=0, description="The least change of `train.monitor` that counts as an improvement."
+    )
+
+
 SCHEDULERS = ("cosine", "step", "multistep", "tanh", "poly", "constant", "none")
 
 
@@ -286,7 +310,46 @@ class TrainSpec(_Section):
         description="Loss: `cross_entropy`, or `bce` (binary cross-entropy on one logit, targets 0/1). `auto`: "
         "`bce` when the model has a single output, `cross_entropy` otherwise.",
     )
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Label smoothing of the cross-entropy loss (with `mixup`/`cutmix`, timm's `Mixup` smooths the "
+        "mixed targets instead).",
+    )
+    class_weights: Literal["none", "auto"] | list[Annotated[float, Field(ge=0)]] = Field(
+        "none",
+        description="Per-class loss weights for imbalanced data. `auto`: inverse class frequency of the training "
+        "data (scikit-learn's `balanced`: `n_samples / (n_classes * count)`); a list: one weight per class in class "
+        "order; `none`: unweighted. A one-logit (bce) model gets `pos_weight = w[1] / w[0]`. Evaluation is unweighted.",
+    )
+    mixup: float = Field(
+        0.0, ge=0, description="Mixup alpha (timm's `Mixup`, with `SoftTargetCrossEntropy`); 0 turns mixup off."
+    )
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (timm's `Mixup`); 0 turns CutMix off.")
+    mixup_prob: float = Field(
+        1.0, ge=0, le=1, description="Probability of mixing a batch when `mixup` or `cutmix` is on."
+    )
+    mixup_switch_prob: float = Field(
+        0.5, ge=0, le=1, description="Probability of CutMix instead of mixup when both are on."
+    )
+    monitor: MONITOR_TYPE = Field(
+        "val_top1",
+        description="The evaluation metric that picks the best epoch (`train.keep_best`) and drives "
+        "`train.early_stopping`: `val_top1`, `val_loss`, `val_macro_f1`, `val_balanced_acc`, `val_top5` (more than "
+        "5 classes) or the `ema_val_*` of `train.ema`. Losses are minimised, the others maximised.",
+    )
+    keep_best: bool = Field(
+        False,
+        description="Save the weights of the best evaluated epoch (by `train.monitor`) in `best/` beside the last "
+        "state; the adapter and the top-level numbers of `metrics.json` then come from that epoch "
+        "(`metrics.json` says which: `selected`). Needs validation data.",
+    )
+    early_stopping: EarlyStopping | None = Field(
+        None,
+        description="Stop when `train.monitor` has not improved by more than `min_delta` for `patience` evaluations "
+        "in a row, e.g. `{patience: 3, min_delta: 0.001}`. Needs validation data.",
+    )
     ema: bool = Field(False, description="Keep an exponential moving average of the weights (timm ModelEmaV3).")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="Decay of the weight average.")
     feature_cache: Literal["auto", "off"] = Field(
@@ -325,7 +388,23 @@ class TrainSpec(_Section):
             raise ValueError("set either 'warmup_epochs' or 'warmup_steps', not both")
         if self.stages and "epochs" in self.model_fields_set:
             raise ValueError("'epochs' and 'stages' both given: stages carry their own epochs; remove 'epochs'")
+        if self.mixup or self.cutmix:
+            if self.batch_size % 2:
+                raise ValueError(
+                    f"mixup/cutmix pair each sample with another of its batch: make batch_size even "
+                    f"(got {self.batch_size})"
+                )
+            if self.class_weights != "none":
+                raise ValueError(
+                    "class_weights do not combine with mixup/cutmix (timm's SoftTargetCrossEntropy has no weights); "
+                    "use data.sampler: balanced, or turn mixup and cutmix off"
+                )
         return self
+
+    @property
+    def mixing(self) -> bool:
+        """Whether mixup or CutMix is on."""
+        return bool(self.mixup or self.cutmix)
 
     @property
     def total_epochs(self) -> int:
@@ -344,6 +423,17 @@ class DataSpec(_Section):
     )
     train_dir: str = Field("train", description="Training images, one subfolder per class, under `root`.")
     val_dir: str = Field("val", description="Validation images, the same class subfolders, under `root`.")
+    test_dir: str | None = Field(
+        None,
+        description="Test images, the same class subfolders, under `root`; evaluated once at the end of training "
+        "(with the weights the adapter holds and the validation transform) into `test_*` numbers of "
+        "`metrics.json`. Unset: no test split.",
+    )
+    sampler: Literal["random", "balanced"] = Field(
+        "random",
+        description="Training order: `random` (a shuffle per epoch) or `balanced` (each epoch draws as many samples "
+        "with replacement, every class equally likely, as PyTorch's `WeightedRandomSampler`).",
+    )
     img_size: int | None = Field(
         None, ge=1, description="Input size (square), overriding the model's `pretrained_cfg` input size."
     )

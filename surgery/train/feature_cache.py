@@ -44,6 +44,8 @@ def feature_cache_reason(plan: Plan, recipe: Recipe, *, custom_data: bool = Fals
         return f"{len(outside)} parameter tensor(s) outside the head train (e.g. {outside[0]!r})"
     if custom_data:
         return "the training data comes from the caller, whose input pipeline may be random"
+    if recipe.train.mixup or recipe.train.cutmix:
+        return "train.mixup/cutmix mix the images of each batch, so features change every epoch"
     if recipe.data.augment != "none":
         return f"data.augment is {recipe.data.augment!r}, which changes the inputs every epoch; set data.augment=none"
     if recipe.surgery.norm == "train":

@@ -23,17 +23,33 @@ RECIPE = "recipe.yaml"  # the resolved recipe, num_classes filled from the data
 PLAN = "plan.json"  # the first stage's plan
 CLASSES = "classes.json"  # class names, in label order
 METRICS = "metrics.json"  # final metrics and the per-epoch history
-METRICS_LOG = "metrics.jsonl"  # one line per epoch (Accelerate tracker)
+METRICS_LOG = "metrics.jsonl"  # one line per optimizer update and one per epoch (Accelerate tracker)
 TRAIN_LOG = "train.log"  # the lines the run printed
 CURVE = "learning_curve.png"
 SKIPPED = "skipped_images.txt"  # undecodable images left out (data.skip_bad_images), one path a line
 LOGS = "logs"  # TensorBoard
 CHECKPOINTS = "checkpoints"
+BEST = "best"  # the best epoch's weights (train.keep_best), also kept inside each checkpoint
+BEST_RECORD = "best.json"  # inside BEST: which epoch, monitor and value
+TEST_CONFUSION = "test_confusion.png"  # the confusion matrix of data.test_dir
 STATE_FILE = "trainer_state.json"  # inside each checkpoint, written last
 ADAPTER_FILES = ("adapter.safetensors", "surgery.json", "README.md")  # surgery.adapter.format's names
 
-FILES = (WEIGHTS, EMA_WEIGHTS, RECIPE, PLAN, CLASSES, METRICS, METRICS_LOG, TRAIN_LOG, CURVE, SKIPPED, *ADAPTER_FILES)
-FOLDERS = (LOGS, CHECKPOINTS)
+FILES = (
+    WEIGHTS,
+    EMA_WEIGHTS,
+    RECIPE,
+    PLAN,
+    CLASSES,
+    METRICS,
+    METRICS_LOG,
+    TRAIN_LOG,
+    CURVE,
+    SKIPPED,
+    TEST_CONFUSION,
+    *ADAPTER_FILES,
+)
+FOLDERS = (LOGS, CHECKPOINTS, BEST)
 DEFAULT_ROOT = Path("output") / "train"
 
 
@@ -84,13 +100,19 @@ def clear(out: Path) -> None:
             path.unlink()
 
 
-def trim_metrics_log(out: Path, done_epochs: int) -> None:
-    """Drop lines of epochs after ``done_epochs`` from ``metrics.jsonl`` (a resumed run logs them again)."""
+def trim_metrics_log(out: Path, global_step: int, epoch: int) -> None:
+    """Drop the ``metrics.jsonl`` lines a resumed run logs again: those after update ``global_step``, and epoch lines
+    after ``epoch`` (an epoch's line has the step of its last update, and the checkpoint may be of that update)."""
     jsonl = out / METRICS_LOG
     if jsonl.exists():
-        keep = [
-            line for line in jsonl.read_text().splitlines() if line and json.loads(line).get("step", 0) <= done_epochs
-        ]
+        keep = []
+        for line in jsonl.read_text().splitlines():
+            if not line:
+                continue
+            rec = json.loads(line)
+            step = rec.get("step") or 0
+            if step < global_step or (step == global_step and rec.get("epoch", 0) <= epoch):
+                keep.append(line)
         jsonl.write_text("".join(line + "\n" for line in keep))
 
 
@@ -100,32 +122,54 @@ def write_skipped(out: Path, skipped: Sequence[Path]) -> None:
         (out / SKIPPED).write_text("".join(f"{p}\n" for p in skipped))
 
 
-def plot(history: list[dict[str, Any]], path: Path) -> None:
-    """The learning curve: train and val loss per epoch, val top-1 on a second axis."""
+def plot(history: list[dict[str, Any]], path: Path, title: str = "learning curve", best: int | None = None) -> Any:
+    """The learning curve: train and val loss per epoch, val top-1 and macro-F1 on a second axis; integer epoch
+    ticks, a dotted line where a stage begins, the ``best`` epoch marked, ``title`` naming the run. Returns the
+    (closed) matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
     evaluated = [h for h in history if "val_loss" in h]
     if evaluated:
         ax.plot([h["epoch"] for h in evaluated], [h["val_loss"] for h in evaluated], "o-", label="val loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for prev, h in zip(history, history[1:], strict=False):
+        if h.get("stage") != prev.get("stage"):
+            ax.axvline(h["epoch"] - 0.5, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(
+                str(h.get("stage")),
+                (h["epoch"] - 0.5, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -12),
+                textcoords="offset points",
+                fontsize=8,
+                color="grey",
+            )
     lines, labels = ax.get_legend_handles_labels()
     if evaluated:
         ax2 = ax.twinx()
         top1 = [h["val_top1"] for h in evaluated]
         ax2.plot([h["epoch"] for h in evaluated], top1, "s--", color="tab:green", label="val top-1")
-        ax2.set_ylabel("top-1")
+        if all("val_macro_f1" in h for h in evaluated):
+            f1 = [h["val_macro_f1"] for h in evaluated]
+            ax2.plot([h["epoch"] for h in evaluated], f1, "^:", color="tab:purple", label="val macro-F1")
+        if best is not None:
+            ax2.axvline(best, color="tab:red", linewidth=1, alpha=0.5, label=f"best epoch ({best})")
+        ax2.set_ylabel("top-1 / macro-F1")
         ax2.set_ylim(0, 1)
         more = ax2.get_legend_handles_labels()
         lines, labels = lines + more[0], labels + more[1]
-    ax.legend(lines, labels, loc="best")
-    ax.set_title("learning curve")
+    ax.legend(lines, labels, loc="best", fontsize=8)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig

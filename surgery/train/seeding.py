@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
-__all__ = ["EpochSampler", "SeededDataset", "mix", "needs_seeding", "seed_step"]
+__all__ = ["EpochSampler", "SeededDataset", "balanced_weights", "mix", "needs_seeding", "seed_step"]
 
 
 def mix(*values: int) -> int:
@@ -33,13 +33,16 @@ class EpochSampler(Sampler[int]):
     with their own iteration count, which restarts at 0 in a resumed run.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool = True, weights: torch.Tensor | None = None) -> None:
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.weights = weights  # per-sample weights: draw n with replacement (data.sampler: balanced)
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
             return iter(range(self.n))
         gen = torch.Generator().manual_seed(mix(self.seed, self.epoch))
+        if self.weights is not None:  # as torch's WeightedRandomSampler, with the (seed, epoch) generator
+            return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=gen).tolist())
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
     def __len__(self) -> int:
@@ -83,8 +86,15 @@ def needs_seeding(dataset: Dataset) -> bool:
     return not is_deterministic_transform(transform) or getattr(dataset, "target_transform", None) is not None
 
 
+def balanced_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights that make every class equally likely: 1 / (samples of its class)."""
+    counts = torch.bincount(targets.long())
+    return 1.0 / counts[targets.long()].double()
+
+
 def seed_step(seed: int, device: torch.device) -> None:
-    """Seed the generators a training step draws from (dropout, drop-path) on ``device``."""
+    """Seed the generators a training step draws from (dropout, drop-path on ``device``; NumPy for timm's Mixup)."""
     torch.default_generator.manual_seed(seed)
+    np.random.seed(seed % 2**32)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -34,8 +35,8 @@ from surgery.optim import build_optimizer, build_scheduler, current_lrs, set_par
 from surgery.plan import Plan, RecipeLike
 from surgery.recipe import LoadedRecipe, load_recipe, resolved_data, with_num_classes
 from surgery.train import checkpoints, feature_cache, run_folder
-from surgery.train.evaluate import Loss, evaluate, split_batch
-from surgery.train.seeding import EpochSampler, SeededDataset, mix, needs_seeding, seed_step
+from surgery.train.evaluate import Loss, evaluate, evaluate_result, split_batch
+from surgery.train.seeding import EpochSampler, SeededDataset, balanced_weights, mix, needs_seeding, seed_step
 from surgery.train.state import TrainState
 
 __all__ = ["Interrupted", "TrainResult", "default_output_dir", "train"]
@@ -198,17 +199,50 @@ def _contiguous_weights(models: list[nn.Module], weights: list[dict[str, torch.T
             state[key] = value.contiguous()
 
 
+def _group_names(optimizer: torch.optim.Optimizer, plan: Plan) -> list[str]:
+    """A name for each optimizer group from the plan's layers (``layer4``, ``stem..layer3``), for the lr logs; groups
+    of the same layers with another weight decay get ``_wd<value>``."""
+    layer_of = {p.name: p.layer_name for p in plan.parameters}
+    names: list[str] = []
+    for group in optimizer.param_groups:
+        layers = list(dict.fromkeys(layer_of.get(n, "?") for n in group.get("param_names", [])))
+        name = (layers[0] if len(layers) == 1 else f"{layers[0]}..{layers[-1]}") if layers else f"group{len(names)}"
+        if name in names:
+            name = f"{name}_wd{group.get('weight_decay', 0):g}"
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Hard-link a best/ file into a checkpoint (the files are never rewritten, only replaced), else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 def _worker_init(worker_id: int) -> None:
     """Ctrl-C reaches the whole process group: workers ignore it, the trainer stops at the next update."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _as_loader(
-    data: Dataset, batch_size: int, sampler: Sampler | None, num_workers: int, *, training: bool = False
+    data: Dataset,
+    batch_size: int,
+    sampler: Sampler | None,
+    num_workers: int,
+    *,
+    training: bool = False,
+    full_batches: bool = False,
 ) -> DataLoader:
     # BatchNorm cannot train on a batch of one sample: drop a lone trailing sample (a different one each epoch, since
-    # the order is shuffled) instead of failing at the end of the first epoch.
-    drop_last = training and len(data) > batch_size and len(data) % batch_size == 1  # type: ignore[arg-type]
+    # the order is shuffled) instead of failing at the end of the first epoch. timm's Mixup pairs the samples of a
+    # batch and needs an even one: with mixing (full_batches) a short last batch is dropped, as timm's train.py does.
+    rest = len(data) % batch_size  # type: ignore[arg-type]
+    drop_last = training and len(data) > batch_size and (rest == 1 or (full_batches and rest > 0))  # type: ignore
     # Persistent workers keep their copy of the dataset: a SeededDataset's epoch would not reach them, so workers
     # are started again each epoch for seeded (random) pipelines and kept for deterministic ones.
     persistent = num_workers > 0 and not isinstance(data, SeededDataset)
@@ -256,7 +290,7 @@ def _in_main_thread() -> bool:
 
 def _format_epoch(m: dict[str, Any]) -> str:
     parts = [f"epoch {m['epoch']} ({m['stage']})", f"train_loss {m['train_loss']:.4f}"]
-    for key in ("val_loss", "val_top1", "val_top5", "ema_val_top1"):
+    for key in ("val_loss", "val_top1", "val_top5", "val_macro_f1", "val_balanced_acc", "ema_val_top1"):
         if key in m:
             parts.append(f"{key} {m[key]:.4f}")
     parts.append(f"{m['images_per_s']:.0f} img/s")
@@ -323,6 +357,12 @@ class Trainer:
         self.interrupted = False
         self.pushed_url: str | None = None
         self.was_deterministic = torch.are_deterministic_algorithms_enabled()
+        # evaluation, best epoch, mixing, logs (issue 12)
+        self.test_report: Any = None  # surgery.data.FolderReport of data.test_dir (its `train` list is the test split)
+        self.mixup: Any = None  # timm.data.Mixup (train.mixup / train.cutmix)
+        self.best_weights: dict[str, dict[str, torch.Tensor]] | None = None  # train.keep_best, on the CPU
+        self.group_names: list[str] = []  # the current optimizer groups, named by the plan's layers (lr logs)
+        self.test_metrics: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------------------------- run
     def run(self) -> TrainResult:
@@ -360,6 +400,8 @@ class Trainer:
             if not self.resume:
                 self.checkpoint = None  # --overwrite: the earlier run's checkpoints are dropped, not resumed
         self.report = self._validate_data()  # bad data is reported before any model is built or trained
+        self.test_report = self._validate_test_data()
+        self._check_monitoring()
         self._fill_num_classes()
         self.img_size_note: str | None = None
         if self.user_model is None:  # a fixed-size model (ViT) is built for data.img_size, as `surgery plan` shows
@@ -396,6 +438,7 @@ class Trainer:
             stages.check_stage_rules(self.model, recipe, index)
         self._check_classifier()
         self._build_data()
+        self._build_loss()
         self.optimizer = build_optimizer(self.plan.param_groups(self.model), recipe.optim, where="optim")
         if spec.ema:
             from timm.utils import ModelEmaV3
@@ -425,6 +468,43 @@ class Trainer:
         from surgery.data.source import validate_data  # image folders or labels CSV files
 
         return validate_data(self.recipe)
+
+    def _validate_test_data(self) -> Any:
+        """``data.test_dir``: checked as train/val are, before training (the report's ``train`` is the test split)."""
+        data = self.recipe.data
+        if data.test_dir is None:
+            return None
+        if self.report is None:
+            raise RecipeError(
+                f"{self.recipe.where('data', 'test_dir')}: a test folder needs image folders (data.root); "
+                "with your own datasets evaluate the result yourself, or remove data.test_dir"
+            )
+        from surgery.data.folders import validate_image_folders
+
+        path = Path(self.report.root) / data.test_dir
+        if not path.is_dir():
+            raise DataError(
+                f"{self.recipe.where('data', 'test_dir')}: test folder '{path}' does not exist; create it with the "
+                "same class subfolders as train/, or remove data.test_dir"
+            )
+        return validate_image_folders(
+            self.report.root, train_dir=data.test_dir, val_dir=data.val_dir, skip_bad_images=data.skip_bad_images
+        )
+
+    def _check_monitoring(self) -> None:
+        """keep_best and early stopping compare evaluations: without validation data they would silently do nothing."""
+        spec = self.spec
+        wanted = [k for k, on in (("keep_best", spec.keep_best), ("early_stopping", spec.early_stopping)) if on]
+        if wanted and self.report is None and self.val_data is None:
+            raise RecipeError(
+                f"{self.recipe.where('train', wanted[0])}: compares evaluations, and there is no validation data; "
+                "pass val_data (or data.root with val/), or remove it"
+            )
+        if spec.monitor.startswith("ema_") and not spec.ema:
+            raise RecipeError(
+                f"{self.recipe.where('train', 'monitor')}: {spec.monitor} is the weight average's metric; set "
+                f"train.ema: true, or monitor {spec.monitor[4:]}"
+            )
 
     def _data_classes(self) -> tuple[int | None, str]:
         """The data's class count (None when it cannot tell) and how to name where it comes from."""
@@ -492,11 +572,25 @@ class Trainer:
         if self.train_ds is not None:
             if needs_seeding(self.train_ds):
                 self.seeded = SeededDataset(self.train_ds, spec.seed)
-            self.sampler = EpochSampler(len(self.train_ds), spec.seed)  # type: ignore[arg-type]
+            weights = None
+            if data.sampler == "balanced":
+                targets = self._train_targets()
+                if targets is None:
+                    raise RecipeError(
+                        f"{self.recipe.where('data', 'sampler')}: balanced sampling needs the training labels: give a "
+                        "dataset with a `targets` list or a TensorDataset (inputs, labels), or use sampler: random"
+                    )
+                weights = balanced_weights(targets)
+            self.sampler = EpochSampler(len(self.train_ds), spec.seed, weights=weights)  # type: ignore[arg-type]
             source = self.seeded if self.seeded is not None else self.train_ds
-            loader = _as_loader(source, spec.batch_size, self.sampler, workers, training=True)
+            loader = _as_loader(source, spec.batch_size, self.sampler, workers, training=True, full_batches=spec.mixing)
         else:
             assert isinstance(self.train_data, DataLoader)
+            if data.sampler != "random":
+                raise RecipeError(
+                    f"{self.recipe.where('data', 'sampler')}: a caller's DataLoader is used as it is; give a Dataset "
+                    "to sample it balanced, or give the DataLoader a WeightedRandomSampler yourself"
+                )
             loader = self.train_data  # a caller's DataLoader, used as it is
         self.data_loaders = {"train": acc.prepare_data_loader(loader)}
         if isinstance(self.val_data, DataLoader):
@@ -505,6 +599,80 @@ class Trainer:
             self.data_loaders["val"] = acc.prepare_data_loader(_as_loader(self.val_ds, spec.batch_size, None, workers))
         if len(self.data_loaders["train"]) == 0:
             raise DataError("the training data is empty: add images (or samples) to train on")
+        if self.test_report is not None:
+            from timm.data import ImageDataset
+
+            from surgery.data.folders import SampleListReader
+
+            assert self.val_ds is not None  # folder data: val always exists; test gets its (eval) transform
+            reader = SampleListReader(self.test_report.train_dir, self.test_report.train)
+            mode = getattr(self.val_ds, "input_img_mode", "RGB")
+            test_ds = ImageDataset(
+                str(self.test_report.train_dir), reader=reader, input_img_mode=mode, transform=self.val_ds.transform
+            )
+            self.data_loaders["test"] = acc.prepare_data_loader(_as_loader(test_ds, spec.batch_size, None, workers))
+
+    def _train_targets(self) -> torch.Tensor | None:
+        """The label of every training sample, in dataset order (folders, a `targets` list, a TensorDataset)."""
+        if self.report is not None:
+            return torch.tensor([label for _, label in self.report.train], dtype=torch.long)
+        ds = self.train_ds
+        targets = getattr(ds, "targets", None)
+        if targets is not None:
+            return torch.as_tensor(list(targets) if not isinstance(targets, torch.Tensor) else targets).long()
+        if isinstance(ds, TensorDataset) and len(ds.tensors) >= 2 and ds.tensors[1].ndim <= 2:
+            y = ds.tensors[1].reshape(len(ds), -1)
+            if y.shape[1] == 1 and torch.equal(y, y.round()):
+                return y.reshape(-1).long()
+        return None
+
+    def _build_loss(self) -> None:
+        """The loss with ``train.class_weights`` (counted on the training data) and timm's Mixup for mixup/cutmix."""
+        spec = self.spec
+        weights = None
+        if spec.class_weights != "none":
+            from surgery.metrics import class_weights
+
+            if isinstance(spec.class_weights, list):
+                n, _ = self._data_classes()
+                counts: Any = [1] * (n if n is not None else len(spec.class_weights))
+            else:
+                targets = self._train_targets()
+                if targets is None:
+                    raise RecipeError(
+                        f"{self.recipe.where('train', 'class_weights')}: auto needs the training labels: give a "
+                        "dataset with a `targets` list or a TensorDataset (inputs, labels), or list the weights"
+                    )
+                n, _ = self._data_classes()
+                n = max(n or 0, int(targets.max()) + 1 if targets.numel() else 0)
+                counts = torch.bincount(targets, minlength=n).tolist()
+                if self.class_names and len(self.class_names) == len(counts):
+                    counts = dict(zip(self.class_names, counts, strict=True))
+            weights = class_weights(counts, spec.class_weights)
+            if weights is not None and self.acc is not None and self.acc.is_main_process:
+                shown = ", ".join(f"{w:.3g}" for w in weights.tolist()[:10])
+                log.info("train.class_weights: %s%s", shown, " ..." if len(weights) > 10 else "")
+        self.loss = Loss(spec.loss, spec.label_smoothing, weights)
+        if spec.mixing:
+            from timm.data import Mixup
+
+            n, _ = self._data_classes()
+            if n is None and self.model is not None:
+                n = _classifier_outputs(self.model)
+            if n is None or n < 2:
+                raise RecipeError(
+                    f"{self.recipe.where('train', 'mixup')}: mixup/cutmix need the class count (2 or more outputs); "
+                    "pass num_classes, or give a dataset with a `classes` list"
+                )
+            self.mixup = Mixup(
+                mixup_alpha=spec.mixup,
+                cutmix_alpha=spec.cutmix,
+                prob=spec.mixup_prob,
+                switch_prob=spec.mixup_switch_prob,
+                mode="batch",
+                label_smoothing=spec.label_smoothing,
+                num_classes=n,
+            )
 
     def _prepare_folder(self) -> None:
         """Create the output folder; on --overwrite drop the earlier run; on resume drop logs of later epochs."""
@@ -513,7 +681,8 @@ class Trainer:
         if self.overwrite:
             run_folder.clear(self.out)
         if self.checkpoint is not None:
-            run_folder.trim_metrics_log(self.out, self.checkpoint.state.epoch)
+            ckpt_state = self.checkpoint.state
+            run_folder.trim_metrics_log(self.out, ckpt_state.global_step, ckpt_state.epoch)
         else:
             (self.out / run_folder.TRAIN_LOG).unlink(missing_ok=True)
         if self.report is not None and self.report.skipped:
@@ -583,6 +752,7 @@ class Trainer:
             acc.unwrap_model(self.net, keep_fp32_wrapper=False)
         acc.free_memory()
         self.net, self.optimizer = acc.prepare(module, self._base_optimizer())
+        self.group_names = _group_names(self._base_optimizer(), self.plan)
         updates = math.ceil(len(self.loaders["train"]) / self.spec.grad_accum_steps)
         epochs = self.stages[index].epochs
         self.scheduler = build_scheduler(self._base_optimizer(), self.spec, epochs=epochs, updates_per_epoch=updates)
@@ -615,6 +785,7 @@ class Trainer:
         ckpt = self.checkpoint
         if ckpt is not None:
             ckpt.check_run(self.plan.trainable_names, acc.num_processes)
+            self._restore_best(ckpt.path)
         # Ctrl-C, and the SIGTERM of schedulers and of torchrun's agent shutting its workers down, end the run at the
         # next update with a checkpoint.
         handler_set = _in_main_thread()
@@ -629,6 +800,8 @@ class Trainer:
                     acc.load_state(str(ckpt.path))
                     ckpt = None
                 self._run_stage()
+                if state.stopped:
+                    break
                 state.next_stage()
                 if state.stage < len(self.stages):
                     added, kept = self._enter_stage(state.stage)
@@ -653,27 +826,102 @@ class Trainer:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _interrupt_requested(self) -> bool:
-        assert self.acc is not None
+    def _sync_step(self, loss: float, epoch: int) -> bool:
+        """After an update: agree over processes whether a signal asked to stop (one all-reduce that also averages
+        the update's loss) and log the loss and every group's lr at this step; True when the run must stop."""
+        acc = self.acc
+        assert acc is not None
         flag = self.interrupted
-        if self.acc.num_processes > 1:
-            t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
-            flag = bool(self.acc.reduce(t, reduction="sum").item() > 0)
+        if acc.num_processes > 1:
+            t = torch.tensor([1.0 if flag else 0.0, loss], device=acc.device)
+            total = acc.reduce(t, reduction="sum")
+            flag, loss = bool(total[0].item() > 0), float(total[1].item()) / acc.num_processes
         self.interrupted = flag
+        if self.out is not None:
+            values: dict[str, Any] = {"train/loss": loss, "train/epoch": epoch + 1}
+            for name, lr in zip(self.group_names, current_lrs(self._base_optimizer()), strict=False):
+                values[f"lr/{name}"] = lr
+            acc.log(values, step=self.state.global_step)
         return flag
 
     def _run_stage(self) -> None:
         acc, state = self.acc, self.state
         assert acc is not None
         stage = self.stages[state.stage]
-        while state.stage_epoch < stage.epochs:
+        while state.stage_epoch < stage.epochs and not state.stopped:
             self._run_epoch()  # a signal ends the run inside, at an update, after a checkpoint
             metrics = self._evaluate()
+            improved = self._observe(metrics)
             state.end_epoch(metrics)
-            acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=metrics["epoch"])
+            acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=state.global_step)
             if acc.is_main_process:
-                self._log_line(_format_epoch(metrics))
+                self._log_line(_format_epoch(metrics) + ("  (best)" if improved and self.spec.keep_best else ""))
+                if state.stopped:
+                    es = self.spec.early_stopping
+                    assert es is not None and state.best is not None
+                    self._log_line(
+                        f"early stopping: {self.spec.monitor} has not improved by more than {es.min_delta:g} for "
+                        f"{es.patience} evaluation(s); best {state.best['value']:.4f} at epoch {state.best['epoch']}"
+                    )
+            if improved and self.spec.keep_best:
+                self._keep_best()
             self._save_checkpoint()
+
+    def _observe(self, metrics: dict[str, Any]) -> bool:
+        """Track ``train.monitor`` over evaluations (best epoch, early stopping); True when this epoch is the best."""
+        spec, state = self.spec, self.state
+        if not any(k.startswith("val_") for k in metrics):
+            return False  # not an evaluated epoch (eval_every_epochs, or no validation data)
+        if spec.monitor not in metrics:
+            shown = ", ".join(k for k in metrics if k.startswith(("val_", "ema_val_")))
+            raise RecipeError(
+                f"{self.recipe.where('train', 'monitor')}: the evaluation has no {spec.monitor} (it has {shown}); "
+                "monitor one of those"
+            )
+        es = spec.early_stopping
+        improved = state.observe(metrics, spec.monitor, es.min_delta if es is not None else 0.0)
+        if es is not None and state.bad_evals >= es.patience:
+            state.stopped = True
+        return improved
+
+    def _keep_best(self) -> None:
+        """Keep this epoch's weights (every process, on the CPU) and, on the main process, write ``best/``."""
+        assert self.model is not None and self.state.best is not None
+        modules = {run_folder.WEIGHTS: self.model}
+        if self.ema is not None:
+            modules[run_folder.EMA_WEIGHTS] = self.ema.module
+        self.best_weights = {
+            name: {k: v.detach().to("cpu", copy=True).contiguous() for k, v in m.state_dict().items()}
+            for name, m in modules.items()
+        }
+        if self.out is None or not self.acc.is_main_process:
+            return
+        from safetensors.torch import save_file
+
+        best, tmp = self.out / run_folder.BEST, self.out / (run_folder.BEST + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, weights in self.best_weights.items():
+            save_file(weights, str(tmp / name))  # copied per name above, so tied weights share no memory
+        (tmp / run_folder.BEST_RECORD).write_text(json.dumps(self.state.best, indent=1))
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.replace(best)
+
+    def _restore_best(self, checkpoint: Path) -> None:
+        """A resumed run takes the best weights the checkpoint kept (``best/`` may be of a later, lost epoch)."""
+        if not (self.spec.keep_best and self.state.best is not None):
+            return
+        from safetensors.torch import load_file
+
+        kept = checkpoint / run_folder.BEST
+        if not (kept / run_folder.WEIGHTS).is_file():
+            raise SurgeryError(f"the checkpoint {checkpoint} has no {run_folder.BEST}/ weights; start a new run")
+        self.best_weights = {p.name: load_file(str(p)) for p in sorted(kept.glob("*.safetensors"))}
+        if self.out is not None and self.acc.is_main_process:
+            best = self.out / run_folder.BEST
+            shutil.rmtree(best, ignore_errors=True)
+            shutil.copytree(kept, best)
+        self.acc.wait_for_everyone()
 
     def _run_epoch(self) -> None:
         from tqdm.auto import tqdm
@@ -706,6 +954,7 @@ class Trainer:
         seen = 0
         params = [p for p in net.parameters() if p.requires_grad]
         batch_index = skip
+        update_sum, update_n = 0.0, 0  # the batches of one optimizer update (gradient accumulation)
         for batch in loader:
             x, y = split_batch(batch)
             x = self._input(x)
@@ -713,6 +962,13 @@ class Trainer:
                 seed_step(mix(spec.seed, epoch, batch_index, acc.process_index), acc.device)
                 if self.scheduler is not None:
                     self.scheduler.step_update(state.stage_step)
+                if self.mixup is not None:  # timm's Mixup draws from NumPy, seeded by seed_step: exact resume
+                    if len(x) % 2:
+                        raise DataError(
+                            f"train.mixup/cutmix pair the samples of a batch and got a batch of {len(x)}; give more "
+                            "training samples than train.batch_size, or a DataLoader with drop_last=True"
+                        )
+                    x, y = self.mixup(x, y)
                 logits = net(x)
                 loss = self.loss(logits, y)
                 acc.backward(loss)
@@ -724,6 +980,7 @@ class Trainer:
             seen += len(y) * acc.num_processes
             loss_sum += float(loss.detach())
             loss_n += 1
+            update_sum, update_n = update_sum + float(loss.detach()), update_n + 1
             bar.update(1)
             if acc.sync_gradients:
                 state.stage_step += 1
@@ -731,13 +988,15 @@ class Trainer:
                 state.batch, state.loss_sum, state.loss_n = batch_index, loss_sum, loss_n
                 if self.ema is not None:
                     self.ema.update(self.model, step=state.global_step)
+                stop = self._sync_step(update_sum / max(update_n, 1), epoch)
+                update_sum, update_n = 0.0, 0
                 elapsed = time.perf_counter() - tic
                 bar.set_postfix(
                     loss=f"{loss_sum / loss_n:.4f}",
                     lr=f"{max(current_lrs(self._base_optimizer())):.2e}",
                     img_s=f"{seen / max(elapsed, 1e-9):.0f}",
                 )
-                if self._interrupt_requested():
+                if stop:
                     path = self._save_checkpoint()
                     bar.close()
                     stop = Interrupted(state.global_step, path, acc.is_main_process)
@@ -797,6 +1056,9 @@ class Trainer:
         acc.save_state(str(path), safe_serialization=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            best = self.out / run_folder.BEST
+            if self.spec.keep_best and (best / run_folder.WEIGHTS).is_file():  # self-contained: resume restores it
+                shutil.copytree(best, path / run_folder.BEST, copy_function=_link_or_copy, dirs_exist_ok=True)
             record = {
                 **state.to_dict(),
                 "recipe": _recipe_record(self.recipe),
@@ -831,10 +1093,31 @@ class Trainer:
             self.model.to(memory_format=torch.contiguous_format)
             if self.ema is not None:
                 self.ema.module.to(memory_format=torch.contiguous_format)
+        if self.out is not None and acc.is_main_process:  # the last state, whichever epoch the adapter takes
+            from safetensors.torch import save_model
+
+            assert self.model is not None
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_model(self.model, str(self.out / run_folder.WEIGHTS))
+            if self.ema is not None:
+                save_model(self.ema.module, str(self.out / run_folder.EMA_WEIGHTS))
+        selected = "last"
         last = state.history[-1] if state.history else {}
+        if self.spec.keep_best and self.best_weights is not None and state.best is not None:
+            self._load_best()
+            selected = "best"
+            last = next(h for h in state.history if h["epoch"] == state.best["epoch"])
+        self.test_metrics = self._evaluate_test()
         skipped = len(self.report.skipped) if self.report is not None else 0
         metrics: dict[str, Any] = {
             **{k: v for k, v in last.items() if k.startswith(("val_", "ema_val_", "train_loss"))},
+            **{k: v for k, v in self.test_metrics.items() if k.startswith("test_")},
+            "selected": selected,  # which epoch the numbers above and the adapter come from: best or last
+            "selected_epoch": last.get("epoch"),
+            "monitor": self.spec.monitor,
+            "best": state.best,
+            "stopped_early": state.stopped,
+            "class_weights": self.loss.weights.tolist() if self.loss.weights is not None else None,
             "epochs": state.epoch,
             "steps": state.global_step,
             "processes": acc.num_processes,
@@ -850,21 +1133,70 @@ class Trainer:
             "channels_last": self.channels_last,
             "history": state.history,
         }
+        if "test_per_class" in self.test_metrics:
+            metrics["test_per_class"] = self.test_metrics["test_per_class"]
+        if acc.is_main_process and state.best is not None:
+            b = state.best
+            self._log_line(
+                f"best {b['monitor']} {b['value']:.4f} at epoch {b['epoch']}; the adapter and metrics.json hold the "
+                + (
+                    "best epoch (train.keep_best)"
+                    if selected == "best"
+                    else f"last epoch {last.get('epoch')} (train.keep_best: true keeps the best)"
+                )
+            )
+        if self.test_metrics and acc.is_main_process:
+            self._log_line(
+                "test: " + "  ".join(f"{k} {v:.4f}" for k, v in self.test_metrics.items() if isinstance(v, float))
+            )
         if self.out is not None and acc.is_main_process:
             self._write_outputs(metrics)
         acc.wait_for_everyone()
         return metrics
 
-    def _write_outputs(self, metrics: dict[str, Any]) -> None:
-        from safetensors.torch import save_model
+    def _load_best(self) -> None:
+        """Put the best epoch's weights (``train.keep_best``) into the model and the EMA, on every process."""
+        assert self.best_weights is not None and self.model is not None
+        targets = {run_folder.WEIGHTS: self.model}
+        if self.ema is not None:
+            targets[run_folder.EMA_WEIGHTS] = self.ema.module
+        for name, module in targets.items():
+            weights = self.best_weights.get(name)
+            if weights is None:
+                continue
+            missing, unexpected = module.load_state_dict(weights, strict=False)
+            odd = [k for k in (*missing, *unexpected) if not k.endswith("num_batches_tracked")]
+            if odd:  # a later stage changed the model's layout (e.g. BatchNorms turned into FrozenBatchNorm)
+                raise SurgeryError(
+                    f"the best epoch's weights do not fit the model as it ended (e.g. {odd[0]!r}): a later stage "
+                    "changed its layers; set train.keep_best: false, or use surgery.norm: auto"
+                )
 
+    def _evaluate_test(self) -> dict[str, Any]:
+        """``data.test_dir`` once, with the weights the adapter holds and the validation transform: ``test_*``."""
+        loader = self.data_loaders.get("test")
+        if loader is None:
+            return {}
+        assert self.acc is not None and self.model is not None
+        result = evaluate_result(self.acc, self.model, loader, self.loss, self._input, self.class_names)
+        if result is None:
+            return {}
+        out: dict[str, Any] = dict(result.scalars("test_"))
+        out["test_per_class"] = result.per_class()
+        if self.out is not None and self.acc.is_main_process:
+            from surgery.metrics import write_confusion_png
+
+            names = result.class_names or [str(i) for i in range(result.num_classes)]
+            write_confusion_png(
+                result.confusion, names, self.out / run_folder.TEST_CONFUSION, title="test confusion matrix"
+            )
+        return out
+
+    def _write_outputs(self, metrics: dict[str, Any]) -> None:
         from surgery import adapter
 
         out = self.out
         assert out is not None and self.model is not None and self.plan is not None and self.first is not None
-        save_model(self.model, str(out / run_folder.WEIGHTS))
-        if self.ema is not None:
-            save_model(self.ema.module, str(out / run_folder.EMA_WEIGHTS))
         recipe_yaml = yaml.safe_dump(resolved_data(self.recipe, predicates="repr"), sort_keys=False)
         (out / run_folder.RECIPE).write_text(recipe_yaml)
         (out / run_folder.PLAN).write_text(self.plan.to_json())
@@ -872,7 +1204,9 @@ class Trainer:
             (out / run_folder.CLASSES).write_text(json.dumps(self.class_names, indent=1))
         (out / run_folder.METRICS).write_text(json.dumps(metrics, indent=1))
         if self.state.history:
-            run_folder.plot(self.state.history, out / run_folder.CURVE)
+            model = self.recipe.model.name if self.recipe.model else type(self.model).__name__
+            best = self.state.best["epoch"] if self.state.best else None
+            run_folder.plot(self.state.history, out / run_folder.CURVE, title=f"{out.name}: {model}", best=best)
         if self.recipe.model is None:
             self._log_line(
                 "no adapter written: the recipe has no model: section to name the base; "
