@@ -174,7 +174,7 @@ def _recipe_split(recipe: Any, split: Split) -> Path:
     key = f"{split}_csv"
     if getattr(data, key, None):
         return Path(getattr(data, key))
-    folder = getattr(data, f"{split}_dir", split)  # data.test_dir where the schema has it, else test/
+    folder = getattr(data, f"{split}_dir", None) or split  # data.val_dir / data.test_dir when set, else val/ test/
     if data.root and not data.train_csv:
         return Path(data.root) / folder
     raise DataError(

@@ -344,7 +344,10 @@ def test_training_run_from_labels_files_then_eval(shapes: Path, tmp_path: Path, 
     from surgery.cli import main
 
     recipe = _csv_recipe(shapes, tmp_path)
-    recipe["data"].update(train_csv="labels/train.csv", val_csv="labels/val.csv")  # relative to the recipe file
+    # relative to the recipe file; a test labels file (here: val's first two classes only) is scored at the end
+    recipe["data"].update(train_csv="labels/train.csv", val_csv="labels/val.csv", test_csv="labels/test.csv")
+    rows = (tmp_path / "labels" / "val.csv").read_text().splitlines()
+    (tmp_path / "labels" / "test.csv").write_text("\n".join(r for r in rows if not r.endswith(",2")) + "\n")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -359,6 +362,9 @@ def test_training_run_from_labels_files_then_eval(shapes: Path, tmp_path: Path, 
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--json", "--out", str(tmp_path / "eval")]) == 0  # the run's val_csv
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(metrics["val_top1"], abs=1e-6)
+    assert [c["support"] for c in metrics["test_per_class"]] == [3, 3, 0]
+    assert main(["eval", str(tmp_path / "run"), "--split", "test", "--json", "--out", str(tmp_path / "ev2")]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(metrics["test_top1"], abs=1e-6)
 
 
 def test_a_float_column_and_threshold_make_two_classes(shapes: Path, tmp_path: Path) -> None:
@@ -384,6 +390,7 @@ def test_a_float_column_and_threshold_make_two_classes(shapes: Path, tmp_path: P
         ({"root": "somewhere"}, "set either 'root' (class folders) or 'train_csv'/'val_csv' (labels files), not both"),
         ({"val_csv": None}, "'train_csv' needs 'val_csv' too: training reads both labels files"),
         ({"train_csv": None}, "'val_csv' needs 'train_csv' too"),
+        ({"test_dir": "test", "test_csv": "t.csv"}, "set either 'test_dir' (a class folder) or 'test_csv'"),
         ({"label_threshold": 0.5}, "'target_column' and 'label_threshold' go together"),
         ({"target_column": "score"}, "'target_column' and 'label_threshold' go together"),
         ({"target_column": "s", "label_threshold": "nan"}, "data.label_threshold"),

@@ -90,6 +90,26 @@ def _validate_labels(data: Any) -> FolderReport:
     return report
 
 
+def validate_test_labels(data: Any, class_names: list[str]) -> FolderReport:
+    """``data.test_csv`` read with training's classes and checked as val is: a report whose ``train`` list is the test
+    split (the trainer evaluates it once at the end of training)."""
+    test = read_split_labels(data, "test_csv", class_names=class_names, require_all_classes=False)
+    errors = decode_errors(test.paths, skip_bad_images=data.skip_bad_images)
+    samples = [s for s in test.samples if errors[s[0]] is None]
+    if not samples:
+        raise DataError(f"data.test_csv: {data.test_csv} has no decodable images; add rows or remove data.test_csv")
+    return FolderReport(
+        root=test.root,
+        train_dir=test.root,
+        val_dir=test.root,
+        class_names=list(class_names),
+        train=samples,
+        val=[],
+        skipped=[f for f in test.paths if errors[f] is not None],
+        origin="data.test_csv",
+    )
+
+
 def count_classes(recipe: Any) -> tuple[int, str] | None:
     """The class count of the recipe's training data as training will find it, and the key it comes from; None when
     the data is not there yet (for ``surgery plan``, which reads labels but opens no image)."""

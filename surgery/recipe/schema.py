@@ -464,7 +464,9 @@ class DataSpec(_Section):
     )
     test_csv: str | None = Field(
         None,
-        description="Labels CSV of held-out test images, for `surgery eval RUN --split test` (same format).",
+        description="Labels CSV of held-out test images (same format and classes as `train_csv`): evaluated once at "
+        "the end of training into the `test_*` numbers of `metrics.json`, as `test_dir` is, and read by "
+        "`surgery eval RUN --split test`.",
         json_schema_extra={"format": PATH_FORMAT},
     )
     target_column: str | None = Field(
@@ -485,6 +487,8 @@ class DataSpec(_Section):
         if (self.train_csv is None) != (self.val_csv is None):
             given, other = ("train_csv", "val_csv") if self.train_csv is not None else ("val_csv", "train_csv")
             raise ValueError(f"'{given}' needs '{other}' too: training reads both labels files")
+        if self.test_dir is not None and self.test_csv is not None:
+            raise ValueError("set either 'test_dir' (a class folder) or 'test_csv' (a labels file), not both")
         if (self.target_column is None) != (self.label_threshold is None):
             raise ValueError(
                 "'target_column' and 'label_threshold' go together: the threshold turns the column's numbers into "

@@ -358,7 +358,7 @@ class Trainer:
         self.pushed_url: str | None = None
         self.was_deterministic = torch.are_deterministic_algorithms_enabled()
         # evaluation, best epoch, mixing, logs (issue 12)
-        self.test_report: Any = None  # surgery.data.FolderReport of data.test_dir (its `train` list is the test split)
+        self.test_report: Any = None  # FolderReport of data.test_dir/test_csv (its `train` list is the test split)
         self.mixup: Any = None  # timm.data.Mixup (train.mixup / train.cutmix)
         self.best_weights: dict[str, dict[str, torch.Tensor]] | None = None  # train.keep_best, on the CPU
         self.group_names: list[str] = []  # the current optimizer groups, named by the plan's layers (lr logs)
@@ -470,8 +470,13 @@ class Trainer:
         return validate_data(self.recipe)
 
     def _validate_test_data(self) -> Any:
-        """``data.test_dir``: checked as train/val are, before training (the report's ``train`` is the test split)."""
+        """``data.test_dir`` or ``data.test_csv``: checked as train/val are, before training (the report's ``train``
+        is the test split)."""
         data = self.recipe.data
+        if data.test_csv is not None and self.report is not None:
+            from surgery.data.source import validate_test_labels
+
+            return validate_test_labels(data, self.report.class_names)
         if data.test_dir is None:
             return None
         if self.report is None:
@@ -1173,7 +1178,8 @@ class Trainer:
                 )
 
     def _evaluate_test(self) -> dict[str, Any]:
-        """``data.test_dir`` once, with the weights the adapter holds and the validation transform: ``test_*``."""
+        """The test split (``data.test_dir`` or ``data.test_csv``) once, with the weights the adapter holds and the
+        validation transform: ``test_*``."""
         loader = self.data_loaders.get("test")
         if loader is None:
             return {}
