@@ -219,7 +219,7 @@ def test_a_one_logit_binary_run_is_scored_with_binary_cross_entropy(data: Path, 
         "data": {"root": str(two), "img_size": 32},
         "train": {"epochs": 1, "batch_size": 4},
     }
-    run = train(recipe, progress=False)  # in memory: the API takes a trained model with its training's decisions
+    run = train(recipe, output_dir=tmp_path / "run", progress=False)
     trained = EvalModel(
         model=run.model,
         class_names=run.class_names,
@@ -232,6 +232,10 @@ def test_a_one_logit_binary_run_is_scored_with_binary_cross_entropy(data: Path, 
     assert result.binary and result.num_classes == 2 and result.class_names == ["class_0", "class_1"]
     assert result.top1 == pytest.approx(run.metrics["val_top1"], abs=1e-6)
     assert result.loss == pytest.approx(run.metrics["val_loss"], rel=1e-5)
+    # the run folder's adapter names both classes of its one logit; eval of the folder scores the same
+    saved = json.loads((tmp_path / "run" / "surgery.json").read_text())
+    assert saved["class_names"] == ["class_0", "class_1"]
+    assert evaluate(tmp_path / "run", two).top1 == pytest.approx(run.metrics["val_top1"], abs=1e-6)
 
 
 def test_default_data_is_the_runs_own_split_and_adapters_need_data(run: Path, adapter: Path, base: Path) -> None:

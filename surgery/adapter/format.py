@@ -152,8 +152,9 @@ class AdapterConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> AdapterConfig:
-        if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(f"class_names: {len(self.class_names)} names for num_classes {self.num_classes}")
+        names, n = self.class_names, self.num_classes
+        if names is not None and n is not None and len(names) != n and (n, len(names)) != (1, 2):  # 1 logit: 2 names
+            raise ValueError(f"class_names: {len(names)} names for num_classes {n}")
         if (self.base.checkpoint is None) != (self.base.checkpoint_sha256 is None) and self.format_version >= 2:
             raise ValueError("base: checkpoint and checkpoint_sha256 go together")
         return self

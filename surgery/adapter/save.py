@@ -269,9 +269,11 @@ def save_adapter(
     num_classes = widths.pop() if len(widths) == 1 else getattr(model, "num_classes", None)
     if class_names is not None:
         class_names = [str(c) for c in class_names]
-        if num_classes is not None and len(class_names) != num_classes:
+        # a one-logit (binary cross-entropy) head scores two classes: names for the negative and the positive one
+        if num_classes is not None and len(class_names) != num_classes and (num_classes, len(class_names)) != (1, 2):
             raise AdapterError(
-                f"save_adapter: {len(class_names)} class names for a {num_classes}-class head; pass one name per class"
+                f"save_adapter: {len(class_names)} class names for a {num_classes}-class head; pass one name per class "
+                "(two for a one-logit binary head)"
             )
     data = _data_config(data_config)
 
