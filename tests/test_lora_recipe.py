@@ -383,3 +383,79 @@ def test_builtin_lora_recipe_through_the_cli(data: Path, tmp_path: Path) -> None
     x = torch.randn(2, 3, 32, 32)
     ours = _out(surgery.load(tmp_path / "run", base=checkpoint), x)
     assert _close(_out(timm.create_model(f"local-dir:{tmp_path / 'merged'}", pretrained=True), x), ours)
+
+
+# ----------------------------------------------------------------------------------- PEFT-saved folders, hub
+
+
+def test_surgery_load_reads_a_folder_peft_itself_saved_given_the_base(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = _build("vit")
+    model = copy.deepcopy(base)
+    model.reset_classifier(NUM_CLASSES)
+    torch.manual_seed(3)
+    model.head.reset_parameters()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["qkv"], modules_to_save=["head"]))
+    with torch.no_grad():  # B = 0 at init: give the update a value so that loading it is visible
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    expected = _out(peft_model, _input("vit"))
+    with_head = copy.deepcopy(base)
+    with_head.reset_classifier(NUM_CLASSES)  # a base of the adapter's class count
+    loaded = surgery.load(tmp_path / "peft", base=with_head)
+    assert isinstance(loaded, PeftModel) and torch.equal(_out(loaded, _input("vit")), expected)
+    with pytest.raises(surgery.AdapterError, match="names its base without weights or fingerprint; pass the base"):
+        surgery.load(tmp_path / "peft")
+
+
+def test_a_lora_run_pushed_to_the_hub_loads_in_surgery_and_in_peft(
+    hub_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import textwrap
+
+    from safetensors.torch import load_file, save_file
+
+    from surgery.adapter import push
+
+    base = _build("vit")
+    model = copy.deepcopy(base)
+    recipe = load_recipe(_recipe("vit"))
+    p = surgery.apply(model, recipe)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()
+    folder = save_adapter(model, p, tmp_path / "adapter", base=base, recipe=recipe)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("HF_TOKEN", hub_server.tokens["alice"])
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    pushed = push(folder, "alice/vit-lora")
+    assert pushed.ref.startswith("hf-hub:alice/vit-lora")
+    expected = _out(model, _input("vit"))
+    assert torch.equal(_out(surgery.load("hf-hub:alice/vit-lora", base=base), _input("vit")), expected)
+
+    # PEFT alone, in a fresh process that knows the hub from HF_ENDPOINT: from_pretrained(base, "alice/vit-lora")
+    save_file({"x": _input("vit"), **{f"w.{k}": v for k, v in base.state_dict().items()}}, str(tmp_path / "in.st"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_ENDPOINT=hub_server.url, HF_HOME=str(tmp_path / "fresh"), HF_HUB_DISABLE_XET="1")
+    script = f"""
+        import timm, torch
+        from peft import PeftModel
+        from safetensors.torch import load_file, save_file
+        d = load_file({str(tmp_path / "in.st")!r})
+        base = timm.create_model("test_vit", img_size=32, num_classes={NUM_CLASSES})
+        base.load_state_dict({{k[2:]: v for k, v in d.items() if k.startswith("w.") and not k.startswith("w.head.")}},
+                             strict=False)
+        model = PeftModel.from_pretrained(base, "alice/vit-lora").eval()
+        with torch.no_grad():
+            save_file({{"y": model(d["x"])}}, {str(tmp_path / "out.st")!r})
+        """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(load_file(str(tmp_path / "out.st"))["y"], expected)

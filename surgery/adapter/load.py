@@ -36,6 +36,8 @@ from surgery.plan import Plan
 
 log = logging.getLogger(__name__)
 
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # surgery.lora.CONFIG_NAME, WEIGHTS_NAME
+
 AdapterInfo = dict[str, Any]
 """The parsed ``surgery.json`` as plain data (``AdapterConfig.to_dict()``), plus ``source`` after a load."""
 
@@ -65,7 +67,7 @@ def resolve(ref: str | Path, *, token: str | None = None) -> Source:
     text = str(ref)
     if text.startswith(HF_HUB):
         _, pinned = hub.parse_ref(text)
-        folder = hub.download(text, allow_patterns=[ADAPTER_FILE, CONFIG_FILE, CARD_FILE], token=token)
+        folder = hub.download(text, allow_patterns=[ADAPTER_FILE, CONFIG_FILE, CARD_FILE, *PEFT_FILES], token=token)
         revision = folder.name if is_commit(folder.name) else None  # huggingface_hub names snapshots by commit
         if is_commit(pinned) and revision != pinned:
             raise AdapterError(f"{text}: the hub served commit {revision}, not the pinned {pinned}; refused")
@@ -281,7 +283,46 @@ def load(
     :class:`AdapterError`. ``model.adapter_info`` holds ``surgery.json`` and ``source`` (the ref and the commit a hub
     ref resolved to: pin it as ``hf-hub:org/name@<sha>``). ``model.pretrained_cfg`` carries the training data config.
     """
-    return load_folder(resolve(ref, token=token), base=base, fingerprint=fingerprint, token=token).model
+    source = resolve(ref, token=token)
+    if not (source.folder / CONFIG_FILE).is_file() and (source.folder / PEFT_FILES[0]).is_file():
+        return load_peft_folder(source, base=base)
+    return load_folder(source, base=base, fingerprint=fingerprint, token=token).model
+
+
+def load_peft_folder(source: Source, *, base: BaseLike) -> nn.Module:
+    """A LoRA adapter PEFT itself saved for a timm model (``adapter_config.json``, no ``surgery.json``) on ``base``.
+
+    PEFT records its base by name only (``base_model_name_or_path``, never fetched here: the folder is untrusted), so
+    the base is the caller's: a model (a copy is used) or a reference (timm name, ``hf-hub:``) built pretrained with the
+    class count of the adapter's head. Loading is :func:`surgery.lora.load_peft`: the config checked key by key,
+    weights from ``adapter_model.safetensors`` only, every tensor fitting the base. Returns the ``PeftModel``.
+    """
+    from surgery import lora
+    from surgery.models import build_model
+    from surgery.recipe import ModelSpec
+
+    folder = source.folder
+    if base is None:
+        raise AdapterError(
+            f"{folder}: a PEFT adapter (adapter_config.json, no {CONFIG_FILE}) names its base without weights or "
+            "fingerprint; pass the base: surgery.load(ref, base=model) or --base NAME"
+        )
+    if isinstance(base, nn.Module):
+        model = copy.deepcopy(base)
+    else:
+        config = lora.read_peft_config(folder)
+        tensors = lora.read_peft_weights(folder)
+        widths = {
+            tensors[key].shape[0]
+            for path in config.modules_to_save or ()
+            for key in [f"base_model.model.{path}.weight"]
+            if key in tensors and tensors[key].ndim >= 2
+        }
+        kwargs = {"num_classes": widths.pop()} if len(widths) == 1 else {}
+        model = build_model(ModelSpec(name=str(base), pretrained=True, kwargs=kwargs), where="--base")
+    peft_model = lora.load_peft(model, folder)
+    peft_model.adapter_info = {"source": source.to_dict(), "format": "peft"}  # type: ignore[assignment]
+    return peft_model
 
 
 def data_config_of(model: nn.Module) -> Mapping[str, Any]:
