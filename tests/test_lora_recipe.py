@@ -459,3 +459,34 @@ def test_a_lora_run_pushed_to_the_hub_loads_in_surgery_and_in_peft(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(load_file(str(tmp_path / "out.st"))["y"], expected)
+
+
+def test_several_lora_runs_on_one_base_switch_without_reloading(tmp_path: Path) -> None:
+    base = _build("vit")
+    outputs = {}
+    for task, classes, seed in (("cats", 3, 1), ("dogs", 5, 2)):
+        model = copy.deepcopy(base)
+        recipe = _recipe("vit")
+        recipe["surgery"]["heads"]["classifier"]["num_classes"] = classes
+        recipe = load_recipe(recipe)
+        torch.manual_seed(seed)
+        p = surgery.apply(model, recipe)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".lora_B." in name:
+                    param.normal_()
+        save_adapter(model, p, tmp_path / task, base=base, recipe=recipe)
+        outputs[task] = _out(model, _input("vit"))
+    multi = surgery.load(base, adapters=[tmp_path / "cats", tmp_path / "dogs"])
+    assert isinstance(multi, lora.MultiAdapterModel) and multi.names == ["cats", "dogs"]
+    weight = multi.peft_model.get_base_model().blocks[0].attn.qkv.base_layer.weight
+    both = multi.predict_all(_input("vit"))
+    assert {k: v.shape[1] for k, v in both.items()} == {"cats": 3, "dogs": 5}
+    assert all(torch.equal(both[k], outputs[k]) for k in outputs)
+    assert torch.equal(_out(multi.use("dogs"), _input("vit")), outputs["dogs"])
+    assert multi.peft_model.get_base_model().blocks[0].attn.qkv.base_layer.weight is weight  # one base, not reloaded
+    other = _build("vit")
+    with torch.no_grad():
+        other.blocks[0].attn.qkv.weight.add_(1)
+    with pytest.raises(surgery.AdapterError, match="wrong base model"):
+        surgery.load(other, adapters={"cats": tmp_path / "cats"})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,7 +269,12 @@ def load_folder(
 
 
 def load(
-    ref: str | Path, *, base: BaseLike = None, fingerprint: str | None = None, token: str | None = None
+    ref: str | Path | nn.Module,
+    *,
+    base: BaseLike = None,
+    fingerprint: str | None = None,
+    token: str | None = None,
+    adapters: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
 ) -> nn.Module:
     """The trained model of an adapter (folder or ``hf-hub:org/name[@revision]``), in eval mode.
 
@@ -283,10 +288,91 @@ def load(
     :class:`AdapterError`. ``model.adapter_info`` holds ``surgery.json`` and ``source`` (the ref and the commit a hub
     ref resolved to: pin it as ``hf-hub:org/name@<sha>``). ``model.pretrained_cfg`` carries the training data config.
     """
+    if adapters is not None:
+        return load_adapters(ref, adapters, fingerprint=fingerprint, token=token)
+    if isinstance(ref, nn.Module):
+        raise AdapterError(
+            "load: a model as the first argument is a base; name its adapters: load(base, adapters=[...])"
+        )
     source = resolve(ref, token=token)
     if not (source.folder / CONFIG_FILE).is_file() and (source.folder / PEFT_FILES[0]).is_file():
         return load_peft_folder(source, base=base)
     return load_folder(source, base=base, fingerprint=fingerprint, token=token).model
+
+
+def load_adapters(
+    base: BaseLike | str | Path,
+    adapters: Sequence[str | Path] | Mapping[str, str | Path],
+    *,
+    fingerprint: str | None = None,
+    token: str | None = None,
+) -> nn.Module:
+    """Several LoRA adapters over one base: a :class:`surgery.lora.MultiAdapterModel` (``.use(name)`` switches,
+    ``.predict_all(x)`` runs each; the base is loaded once).
+
+    ``adapters``: folders or ``hf-hub:`` references (named by their last path part), or a mapping name -> reference;
+    each is a LoRA run's folder or a folder PEFT saved. ``base``: a model (a copy is used) or a reference built
+    pretrained with the first adapter's class count. An adapter with ``surgery.json`` must record this base's
+    fingerprint (and ``fingerprint``, when given, is checked first), as :func:`load` does.
+    """
+    from surgery import lora
+
+    named = (
+        dict(adapters)
+        if isinstance(adapters, Mapping)
+        else {str(a).rstrip("/").split("/")[-1].split("@")[0]: a for a in adapters}
+    )
+    if not named or len(named) != len(adapters):
+        raise AdapterError(
+            "load: adapters= needs distinct adapters; pass a mapping name -> folder or hf-hub: reference"
+        )
+    folders = {name: resolve(ref, token=token) for name, ref in named.items()}
+    for source in folders.values():
+        if not (source.folder / PEFT_FILES[0]).is_file():
+            raise AdapterError(
+                f"{source.ref}: not a LoRA adapter (no {PEFT_FILES[0]}); adapters= takes LoRA runs or PEFT folders"
+            )
+    first = next(iter(folders.values()))
+    model, got = _peft_base(first.folder, base)
+    if fingerprint is not None and got != fingerprint:
+        raise AdapterError(f"load: the base's fingerprint {got[:19]}... is not the trusted {fingerprint[:19]}...")
+    for source in folders.values():
+        if (source.folder / CONFIG_FILE).is_file():
+            config = read_config(source.folder)
+            if config.base.fingerprint != got:
+                raise _wrong_base(config, got, config.base.fingerprint, supplied="model")
+    return lora.MultiAdapterModel(model, {name: source.folder for name, source in folders.items()})
+
+
+def _peft_base(folder: Path, base: BaseLike | str | Path) -> tuple[nn.Module, str]:
+    """(the base for a PEFT adapter folder, its fingerprint before its head is fitted): a copy of a model, or a
+    reference built pretrained; a timm classifier is then sized to the adapter's saved head (its rows), which replaces
+    it anyway (PEFT ``modules_to_save``)."""
+    from surgery import lora
+    from surgery.models import build_model
+    from surgery.recipe import ModelSpec
+
+    if base is None:
+        raise AdapterError(
+            f"{folder}: a PEFT adapter (adapter_config.json, no {CONFIG_FILE}) names its base without weights or "
+            "fingerprint; pass the base: surgery.load(ref, base=model) or --base NAME"
+        )
+    if isinstance(base, nn.Module):
+        model = copy.deepcopy(base)
+    else:
+        model = build_model(ModelSpec(name=str(base), pretrained=True), where="--base")
+    got = fingerprint_of(model)
+    config = lora.read_peft_config(folder)
+    tensors = lora.read_peft_weights(folder)
+    widths = {
+        tensors[key].shape[0]
+        for path in config.modules_to_save or ()
+        for key in [f"base_model.model.{path}.weight"]
+        if key in tensors and tensors[key].ndim >= 2
+    }
+    if len(widths) == 1 and hasattr(model, "reset_classifier") and getattr(model, "num_classes", None) != min(widths):
+        model.reset_classifier(widths.pop())
+    return model, got
 
 
 def load_peft_folder(source: Source, *, base: BaseLike) -> nn.Module:
@@ -298,28 +384,9 @@ def load_peft_folder(source: Source, *, base: BaseLike) -> nn.Module:
     weights from ``adapter_model.safetensors`` only, every tensor fitting the base. Returns the ``PeftModel``.
     """
     from surgery import lora
-    from surgery.models import build_model
-    from surgery.recipe import ModelSpec
 
     folder = source.folder
-    if base is None:
-        raise AdapterError(
-            f"{folder}: a PEFT adapter (adapter_config.json, no {CONFIG_FILE}) names its base without weights or "
-            "fingerprint; pass the base: surgery.load(ref, base=model) or --base NAME"
-        )
-    if isinstance(base, nn.Module):
-        model = copy.deepcopy(base)
-    else:
-        config = lora.read_peft_config(folder)
-        tensors = lora.read_peft_weights(folder)
-        widths = {
-            tensors[key].shape[0]
-            for path in config.modules_to_save or ()
-            for key in [f"base_model.model.{path}.weight"]
-            if key in tensors and tensors[key].ndim >= 2
-        }
-        kwargs = {"num_classes": widths.pop()} if len(widths) == 1 else {}
-        model = build_model(ModelSpec(name=str(base), pretrained=True, kwargs=kwargs), where="--base")
+    model, _ = _peft_base(folder, base)
     peft_model = lora.load_peft(model, folder)
     peft_model.adapter_info = {"source": source.to_dict(), "format": "peft"}  # type: ignore[assignment]
     return peft_model
