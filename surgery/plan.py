@@ -404,11 +404,11 @@ def _lora_entries(
     peft_model = lora_mod.peft_of(model)
     if peft_model is not None:
         config = peft_model.peft_config[peft_model.active_adapter]
-        base_spec = spec or LoraSpec(targets="*", rank=config.r)
-        spec_now = base_spec.model_copy(update={"bias": config.bias})
         targets = tuple(
             n for n, m in model.named_modules() if hasattr(m, "lora_A") and peft_model.active_adapter in m.lora_A
         )
+        base_spec = spec or LoraSpec(targets=list(targets), rank=config.r, alpha=config.lora_alpha)
+        spec_now = base_spec.model_copy(update={"bias": config.bias})
         saved = tuple(config.modules_to_save or ())
         return entries, head_changes, LoraPlan(spec_now, targets, saved, inject=False), ""
     assert spec is not None

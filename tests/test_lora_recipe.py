@@ -490,3 +490,15 @@ def test_several_lora_runs_on_one_base_switch_without_reloading(tmp_path: Path) 
         other.blocks[0].attn.qkv.weight.add_(1)
     with pytest.raises(surgery.AdapterError, match="wrong base model"):
         surgery.load(other, adapters={"cats": tmp_path / "cats"})
+
+
+def test_planning_again_on_a_model_that_carries_lora_keeps_it() -> None:
+    model = _build("vit")
+    surgery.apply(model, _recipe("vit"))
+    again = surgery.plan(model, {"surgery": {"rules": [{"freeze": "*.lora_A.*"}]}})  # no surgery.lora: PEFT's config
+    assert again.lora is not None and not again.lora.inject and again.lora.spec.rank == 4
+    assert list(again.lora.targets) == [f"blocks.{i}.attn.qkv" for i in range(6)]
+    assert not any(q.trainable for q in again.parameters if ".lora_A." in q.name)
+    assert all(q.trainable for q in again.parameters if ".lora_B." in q.name)
+    with pytest.raises(RecipeError, match=r"created with bias: none.*set surgery\.lora\.bias: all"):
+        surgery.plan(model, {"surgery": {"rules": [{"unfreeze": "norm.bias"}]}})
