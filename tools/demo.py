@@ -206,7 +206,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
                 },
             },
         },
-        "lora": {"optim": {"lr": 1e-2, "weight_decay": 0.0}, "train": {"epochs": 25, "eval_every_epochs": 5}},
+        "lora": {"optim": {"lr": 1e-2, "weight_decay": 0.0}, "train": {"epochs": 15, "eval_every_epochs": 5}},
         "scratch": {"optim": {"lr": 3e-3, "weight_decay": 0.01}, "train": {"epochs": 25, "eval_every_epochs": 5}},
     },
 }
