@@ -168,9 +168,8 @@ def report_lora(work: Path, batch: int, steps: int) -> None:
         f"  adapter_model.safetensors  {size['adapter_bytes'] / 1e6:10.2f} MB  ({share:.2%} of the model; "
         f"LoRA {size['lora_params']:,} + head {size['head_params']:,} parameters)"
     )
-    print(
-        f"  adapter.safetensors        {size['surgery_bytes'] / 1e6:10.2f} MB  (the same tensors, surgery.load's file)"
-    )
+    mb = size["surgery_bytes"] / 1e6
+    print(f"  adapter.safetensors        {mb:10.2f} MB  (surgery.load's file: the same, plus PEFT's original head)")
     print(f"  target adapter < 2% of the model: {'met' if share < 0.02 else 'NOT met'}")
     train = lora_train(batch, steps)
     print(f"\n  training, batch {batch} at 224x224, AdamW, median of {steps} steps after the first, fresh process each")

@@ -287,6 +287,10 @@ def load(
     model's. A wrong base, a missing or extra tensor, a shape mismatch or a tampered file raises
     :class:`AdapterError`. ``model.adapter_info`` holds ``surgery.json`` and ``source`` (the ref and the commit a hub
     ref resolved to: pin it as ``hf-hub:org/name@<sha>``). ``model.pretrained_cfg`` carries the training data config.
+
+    A LoRA run loads with its LoRA layers (PEFT's, injected by the replayed plan). A folder PEFT itself saved (no
+    ``surgery.json``) needs ``base`` and gives a ``PeftModel`` (:func:`load_peft_folder`). With ``adapters``, ``ref``
+    is the base and several LoRA adapters share it (:func:`load_adapters`).
     """
     if adapters is not None:
         return load_adapters(ref, adapters, fingerprint=fingerprint, token=token)
