@@ -28,6 +28,8 @@ def apply_plan(model: nn.Module, the_plan: Plan) -> Plan:
             change.spec, change.in_features, conv=isinstance(old, nn.Conv2d), device=device, dtype=dtype
         )
         heads_mod.replace_module(model, change.path, new)
+    if the_plan.lora is not None and the_plan.lora.inject:
+        _inject(model, the_plan)
     fates = {p.name: p.trainable for p in the_plan.parameters}
     for name, tensor in model.named_parameters():
         if name not in fates:
@@ -50,6 +52,24 @@ def apply_plan(model: nn.Module, the_plan: Plan) -> Plan:
         model.train()  # let stats-fixed BatchNorms settle into eval mode
     object.__setattr__(the_plan, "_model", weakref.ref(model))
     return the_plan
+
+
+def _inject(model: nn.Module, the_plan: Plan) -> None:
+    """Add the plan's LoRA layers with PEFT, in place (the ``PeftModel`` is kept with :func:`surgery.lora.attach`)."""
+    from surgery import lora
+
+    assert the_plan.lora is not None
+    if lora.peft_of(model) is not None:
+        raise SurgeryError("the model carries LoRA layers already; plan on it again instead of applying this plan")
+    recipe = the_plan.recipe
+    where = recipe.where if hasattr(recipe, "where") else None
+    peft_model = lora.inject(
+        model,
+        the_plan.lora.spec,
+        heads=the_plan.lora.modules_to_save,
+        where=(lambda *p: where("surgery", "lora", *p)) if where else "surgery.lora",
+    )
+    lora.attach(model, peft_model)
 
 
 def apply(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None) -> Plan:

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from torch import nn
 
 from surgery.errors import AdapterError, ModelError, NoMatchingParameterError, RecipeError
 from surgery.layers import layer_of, layers_from_names
-from surgery.recipe.schema import LayerRange, Selector
+from surgery.recipe.schema import LayerRange, LoraSpec
 from surgery.select import _closest, match_patterns, select_layers
 
 if TYPE_CHECKING:  # peft (and the transformers it imports) loads on first use, not with `import surgery.lora`
@@ -64,66 +64,6 @@ def _at(where: Where, *path: str | int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ spec
-
-
-class LoraSpec(BaseModel):
-    """LoRA on chosen layers of the backbone (PEFT's `LoraConfig`); the rest of the backbone stays frozen."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-    targets: Selector = Field(
-        description="Modules to adapt, by module name: glob patterns (`blocks.*.attn.qkv`), `re:` regular "
-        "expressions, `!pattern` to exclude, or a layer range `{from, to, which}` (every Linear/Conv of those "
-        "layers). A pattern must match only modules LoRA can adapt (Linear, Conv1d/2d/3d with groups=1, "
-        "Embedding); new heads are never targets (they train whole).",
-    )
-    rank: int = Field(8, ge=1, description="Rank `r` of the low-rank update.")
-    alpha: float | None = Field(
-        None,
-        gt=0,
-        description="Scaling numerator `lora_alpha`: the update is scaled by alpha/rank "
-        "(alpha/sqrt(rank) with `use_rslora`). Unset: equal to `rank` (scale 1).",
-    )
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input (`lora_dropout`).")
-    use_dora: bool = Field(False, description="DoRA: also learn each adapted weight's magnitude (PEFT `use_dora`).")
-    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha/sqrt(rank) (`use_rslora`).")
-    init: Literal["default", "gaussian"] = Field(
-        "default",
-        description="Initialization of the LoRA weights: `default` (Kaiming A, zero B: training starts from the "
-        "base model exactly) or `gaussian` (Gaussian A scaled by the rank, zero B). PEFT's data- or SVD-based "
-        "inits (PiSSA, OLoRA, EVA, CorDA, LoftQ) change the base weights, so an adapter could no longer be "
-        "shared over the plain base; they are not offered.",
-    )
-    bias: Literal["none", "all", "lora_only"] = Field(
-        "none",
-        description="Biases that train and are saved with the adapter (PEFT `bias`): `none`, `all` (BitFit "
-        "together with LoRA) or `lora_only` (biases of adapted modules).",
-    )
-    rank_pattern: dict[str, int] = Field(
-        default_factory=dict,
-        description="A different rank for some targets: module pattern (glob or `re:`, as in `targets`) -> rank. "
-        "Each pattern must match at least one target.",
-    )
-    alpha_pattern: dict[str, float] = Field(
-        default_factory=dict,
-        description="A different alpha for some targets: module pattern -> alpha.",
-    )
-
-    @field_validator("rank_pattern")
-    @classmethod
-    def _ranks_positive(cls, value: dict[str, int]) -> dict[str, int]:
-        bad = [k for k, v in value.items() if isinstance(v, bool) or v < 1]
-        if bad:
-            raise ValueError(f"rank_pattern[{bad[0]!r}] must be a rank >= 1")
-        return value
-
-    @field_validator("alpha_pattern")
-    @classmethod
-    def _alphas_positive(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, v in value.items() if v <= 0]
-        if bad:
-            raise ValueError(f"alpha_pattern[{bad[0]!r}] must be > 0")
-        return value
 
 
 def as_spec(spec: LoraSpec | Mapping[str, Any], *, where: Where = "lora") -> LoraSpec:
@@ -200,7 +140,11 @@ def resolve_targets(
         param_names = [n for n, _ in model.named_parameters()]
         layers = layers_from_names(model, param_names)
         chosen = {p for i in select_layers(spec.targets, layers, where=at) for p in layers[i].params}
-        picked = [n for n in names if unsupported_reason(owners[n]) is None and f"{n}.weight" in chosen]
+        picked = [
+            n
+            for n in names
+            if unsupported_reason(owners[n]) is None and f"{n}.weight" in chosen and not _weight_read(model, n)
+        ]
         if not picked:
             raise NoMatchingParameterError(f"{at}: the layer range holds no Linear or Conv layer LoRA can adapt")
         return picked
@@ -216,6 +160,15 @@ def resolve_targets(
                 "Linear/Conv layers inside"
             )
     return picked
+
+
+def _weight_read(model: nn.Module, name: str) -> bool:
+    """A ``qkv`` whose attention has ``q_bias`` (BEiT, EVA): the attention reads ``qkv.weight`` and never calls it.
+
+    Known by structure so that a layer range leaves it out in planning too (on the meta device nothing runs); an
+    explicit pattern naming it is refused by :func:`inject`'s test forward."""
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return name.rsplit(".", 1)[-1] == "qkv" and isinstance(getattr(parent, "q_bias", None), nn.Parameter)
 
 
 def _exact_keys(chosen: Sequence[str], universe: Sequence[str]) -> list[str]:
@@ -469,6 +422,33 @@ def lora_parameters(model: nn.Module) -> list[LoraParameter]:
     return out
 
 
+PEFT_ATTR = "_surgery_peft"
+"""Where :func:`attach` keeps the ``PeftModel`` of a timm model that carries LoRA layers (in ``__dict__``, so it is no
+submodule). PEFT injects its layers into the timm model itself; the trainer, the plan and the surgery adapter keep
+working on the timm model and its real parameter names, and saving or merging goes through the ``PeftModel``."""
+
+
+def attach(model: nn.Module, peft_model: PeftModel) -> nn.Module:
+    """Remember the ``PeftModel`` wrapping ``model`` (see :data:`PEFT_ATTR`); returns ``model``."""
+    model.__dict__[PEFT_ATTR] = peft_model
+    return model
+
+
+def peft_of(model: nn.Module) -> PeftModel | None:
+    """The ``PeftModel`` around ``model`` when it carries LoRA layers injected by a plan, else None (no peft import)."""
+    return model.__dict__.get(PEFT_ATTR)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A weightless copy of ``model`` (every tensor on the meta device), for planning without memory."""
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    return copy.deepcopy(model, memo)
+
+
 def planned_parameters(
     model: nn.Module,
     spec: LoraSpec | Mapping[str, Any],
@@ -482,12 +462,7 @@ def planned_parameters(
     PEFT injects into a weightless copy (every tensor on the meta device), so names and shapes are PEFT's own while
     planning costs no memory. The test forward of :func:`inject` is skipped (nothing to compute on the meta device).
     """
-    memo: dict[int, Any] = {}
-    for param in model.parameters():
-        memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
-    for buffer in model.buffers():
-        memo[id(buffer)] = torch.empty_like(buffer, device="meta")
-    shadow = copy.deepcopy(model, memo)
+    shadow = meta_copy(model)
     return lora_parameters(inject(shadow, spec, heads=heads, modules_to_save=modules_to_save, where=where))
 
 
@@ -887,6 +862,7 @@ def merge(model: nn.Module) -> nn.Module:
         plain = model.merge_and_unload()
     except (ValueError, NotImplementedError, RuntimeError) as err:
         raise AdapterError(f"merge: PEFT cannot merge this adapter: {str(err).splitlines()[0]}") from None
+    plain.__dict__.pop(PEFT_ATTR, None)  # the timm model no longer carries LoRA layers (see attach)
     left = [n for n, m in plain.named_modules() if isinstance(m, BaseTunerLayer | ModulesToSaveWrapper)]
     if left:
         raise AdapterError(f"merge: module {left[0]!r} is still a PEFT layer after merging")
@@ -975,6 +951,10 @@ class MultiAdapterModel(nn.Module):
 
 
 __all__ = [
+    "PEFT_ATTR",
+    "attach",
+    "meta_copy",
+    "peft_of",
     "LoraParameter",
     "LoraSpec",
     "MultiAdapterModel",

@@ -8,6 +8,7 @@ table, the JSON, the adapter) reads the same :class:`Plan`, so they cannot disag
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import math
@@ -20,9 +21,9 @@ from torch import nn
 
 from surgery import heads as heads_mod
 from surgery import norms as norms_mod
-from surgery.errors import HeadError, NothingTrainableError, SurgeryError
+from surgery.errors import HeadError, NothingTrainableError, RecipeError, SurgeryError
 from surgery.layers import Layer, layer_of, layers_from_names
-from surgery.recipe import HeadSpec, LoadedRecipe, Recipe, load_recipe, with_num_classes
+from surgery.recipe import HeadSpec, LoadedRecipe, LoraSpec, Recipe, load_recipe, with_num_classes
 from surgery.select import describe, select
 
 RecipeLike = Recipe | Mapping[str, Any] | str | Path
@@ -41,6 +42,8 @@ class ParamPlan:
     weight_decay: float | None
     rule: str
     new: bool = False
+    lora: bool = False
+    """A LoRA weight (``<module>.lora_A.<adapter>.weight``, ``lora_B``, DoRA's magnitude), added by ``surgery.lora``."""
 
     @property
     def numel(self) -> int:
@@ -75,6 +78,20 @@ class NormChange:
 
 
 @dataclass(frozen=True)
+class LoraPlan:
+    """LoRA (``surgery.lora``) as a plan makes it: the PEFT config's resolved parts, and whether applying injects."""
+
+    spec: LoraSpec
+    """The recipe's spec, with ``bias`` the one PEFT is given (``all`` when rules train base biases)."""
+    targets: tuple[str, ...]
+    """The adapted modules, exact names in model order."""
+    modules_to_save: tuple[str, ...]
+    """Modules PEFT trains and saves whole: the new heads."""
+    inject: bool
+    """True for the plan that adds the LoRA layers (stage 0); False when the model carries them already."""
+
+
+@dataclass(frozen=True)
 class Plan:
     """What the recipe does to the model. Build it with :func:`plan`; make it real with :func:`apply`."""
 
@@ -85,6 +102,7 @@ class Plan:
     norms: tuple[NormChange, ...]
     warnings: tuple[str, ...]
     recipe: Recipe = field(repr=False)
+    lora: LoraPlan | None = None
     _model: Any = field(default=None, repr=False, compare=False)
 
     # -------------------------------------------------------------------------------------------------- counts
@@ -97,6 +115,11 @@ class Plan:
     def frozen_params(self) -> int:
         """Number of frozen elements."""
         return sum(p.numel for p in self.parameters if not p.trainable)
+
+    @property
+    def lora_params(self) -> int:
+        """Number of LoRA elements (0 without ``surgery.lora``)."""
+        return sum(p.numel for p in self.parameters if p.lora)
 
     @property
     def trainable_names(self) -> list[str]:
@@ -243,6 +266,10 @@ def plan(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None
     for path, change in replaced.items():
         if path not in inserted:  # replacing a parameter-less module (Identity): the new head goes last
             entries += [(n, s, True, change) for n, s in change.shapes.items()]
+    lora_plan, lora_label = None, ""
+    if spec.lora is not None or _carries_lora(model):
+        entries, head_changes, lora_plan, lora_label = _lora_entries(model, recipe, entries, head_changes)
+        replaced = {c.path: c for c in head_changes}
     names = [e[0] for e in entries]
     layers = layers_from_names(model, names)
     layer_index = layer_of(layers)
@@ -250,6 +277,11 @@ def plan(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None
     # Fate: start from the model's requires_grad, apply the rules in order, then the heads.
     trainable = {e[0]: e[2] for e in entries}
     decided = {e[0]: "model default" if e[2] else "model default (frozen)" for e in entries}
+    if lora_plan is not None and lora_plan.inject:  # what get_peft_model does: base frozen, LoRA weights trainable
+        for name, _, requires_grad, _ in entries:
+            decided[name] = lora_label if _is_lora(name) else "surgery.lora (base frozen)"
+            if requires_grad and not _is_lora(name):
+                decided[name] = f"surgery.lora.bias: {spec.lora.bias}"  # type: ignore[union-attr]
     lr_ops: dict[str, list[tuple[str, float]]] = {n: [] for n in names}
     wd_set: dict[str, float] = {}
     for i, rule in enumerate(spec.rules):
@@ -282,8 +314,11 @@ def plan(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None
             if change.spec.lr_mult is not None:
                 lr_ops[n].append(("mult", change.spec.lr_mult))
 
+    if lora_plan is not None:
+        lora_plan = _check_lora(model, recipe, lora_plan, trainable, decided)
+
     # Norm policy.
-    norm_changes = _plan_norms(model, spec.norm, trainable, decided, replaced, warnings)
+    norm_changes = _plan_norms(model, spec.norm, trainable, decided, replaced, warnings, lora=lora_plan is not None)
 
     # Learning rate and weight decay of what trains.
     optim = recipe.optim
@@ -308,7 +343,18 @@ def plan(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None
             else:
                 wd = optim.weight_decay
         params.append(
-            ParamPlan(name, shape, li, layers[li].name, trainable[name], lr, wd, decided[name], new=owner is not None)
+            ParamPlan(
+                name,
+                shape,
+                li,
+                layers[li].name,
+                trainable[name],
+                lr,
+                wd,
+                decided[name],
+                new=owner is not None,
+                lora=_is_lora(name) if lora_plan is not None else False,
+            )
         )
 
     if not any(p.trainable for p in params):
@@ -324,7 +370,124 @@ def plan(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None
         norms=tuple(norm_changes),
         warnings=tuple(warnings),
         recipe=recipe,
+        lora=lora_plan,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+
+_LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
+
+
+def _is_lora(name: str) -> bool:
+    return any(part in name for part in _LORA_PARTS)
+
+
+def _carries_lora(model: nn.Module) -> bool:
+    from surgery.lora import peft_of
+
+    return peft_of(model) is not None
+
+
+def _lora_entries(
+    model: nn.Module,
+    recipe: LoadedRecipe,
+    entries: list[tuple[str, tuple[int, ...], bool, HeadChange | None]],
+    head_changes: list[HeadChange],
+) -> tuple[list[tuple[str, tuple[int, ...], bool, HeadChange | None]], list[HeadChange], LoraPlan, str]:
+    """The parameter list as it is after PEFT injects LoRA (real names: ``qkv.base_layer.weight``,
+    ``qkv.lora_A.default.weight``, ``head.modules_to_save.default.weight``), computed on a weightless copy; the heads'
+    parameter names follow. On a model that carries LoRA already (a later stage), the entries are its own."""
+    from surgery import lora as lora_mod
+
+    spec = recipe.surgery.lora
+    peft_model = lora_mod.peft_of(model)
+    if peft_model is not None:
+        config = peft_model.peft_config[peft_model.active_adapter]
+        targets = tuple(
+            n for n, m in model.named_modules() if hasattr(m, "lora_A") and peft_model.active_adapter in m.lora_A
+        )
+        base_spec = spec or LoraSpec(targets=list(targets), rank=config.r, alpha=config.lora_alpha)
+        spec_now = base_spec.model_copy(update={"bias": config.bias})
+        saved = tuple(config.modules_to_save or ())
+        return entries, head_changes, LoraPlan(spec_now, targets, saved, inject=False), ""
+    assert spec is not None
+
+    def where(*path: str | int) -> str:
+        return recipe.where("surgery", "lora", *path)
+
+    shadow = lora_mod.meta_copy(model)
+    for change in head_changes:
+        old = shadow.get_submodule(change.path)
+        new = heads_mod.build_head(change.spec, change.in_features, conv=isinstance(old, nn.Conv2d), device="meta")
+        heads_mod.replace_module(shadow, change.path, new)
+    saved = tuple(c.path for c in head_changes)
+    targets = tuple(lora_mod.resolve_targets(shadow, spec, modules_to_save=saved, where=where))
+    injected = lora_mod.inject(shadow, spec, heads=saved, where=where)
+    by_path = {c.path: c for c in head_changes}
+    out: list[tuple[str, tuple[int, ...], bool, HeadChange | None]] = []
+    params: dict[str, dict[str, tuple[int, ...]]] = {c.path: {} for c in head_changes}
+    for name, tensor in injected.get_base_model().named_parameters():
+        owner = next((c for p, c in by_path.items() if name.startswith(p + ".modules_to_save.")), None)
+        if owner is not None:
+            params[owner.path][name] = tuple(tensor.shape)
+        out.append((name, tuple(tensor.shape), tensor.requires_grad, owner))
+    changes = [dataclasses.replace(c, params=tuple(params[c.path]), shapes=params[c.path]) for c in head_changes]
+    remap = {c.path: c for c in changes}
+    out = [(n, sh, rg, remap[o.path] if o is not None else None) for n, sh, rg, o in out]
+    alpha = spec.alpha if spec.alpha is not None else spec.rank
+    label = f"surgery.lora (rank {spec.rank}, alpha {alpha:g})"
+    return out, changes, LoraPlan(spec, targets, saved, inject=True), label
+
+
+def _check_lora(
+    model: nn.Module, recipe: LoadedRecipe, lora_plan: LoraPlan, trainable: dict[str, bool], decided: dict[str, str]
+) -> LoraPlan:
+    """What trains must fit in a PEFT adapter: LoRA weights, the heads (modules_to_save) and biases (PEFT ``bias``).
+
+    PEFT keeps each saved head's original (``<head>.original_module.*``, used when the adapter is disabled): frozen.
+    Rules that train base biases make PEFT save them (``bias: all``) when the recipe leaves ``lora.bias`` at none.
+    """
+    where = recipe.where("surgery", "lora")
+    if recipe.surgery.norm == "train":
+        raise RecipeError(
+            f"{recipe.where('surgery', 'norm')}: norm: train changes BatchNorm statistics, which a LoRA (PEFT) adapter "
+            "cannot carry; use norm: auto with surgery.lora"
+        )
+    saved = tuple(p + ".modules_to_save." for p in lora_plan.modules_to_save)
+    biases: list[str] = []
+    for name, on in trainable.items():
+        if ".original_module." in name:
+            trainable[name] = False
+            decided[name] = "surgery.lora (PEFT's frozen copy of the original head)"
+            continue
+        if not on or _is_lora(name) or name.startswith(saved):
+            continue
+        if not name.endswith(".bias"):
+            raise RecipeError(
+                f"{where}: {decided[name]} makes {name!r} trainable, but a LoRA (PEFT) adapter carries only LoRA "
+                "weights, new heads and biases; freeze it, add a LoRA target for its module, or drop surgery.lora "
+                "to fine-tune it"
+            )
+        biases.append(name)
+    bias = lora_plan.spec.bias
+    if biases and bias == "none":
+        if not lora_plan.inject:
+            raise RecipeError(
+                f"{where}: {decided[biases[0]]} trains {biases[0]!r}, but the LoRA adapter was created with bias: "
+                "none and cannot carry it; set surgery.lora.bias: all"
+            )
+        bias = "all"
+    if bias == "lora_only":
+        outside = [b for b in biases if b.removesuffix(".bias").removesuffix(".base_layer") not in lora_plan.targets]
+        if outside:
+            raise RecipeError(
+                f"{where}.bias: lora_only saves only the biases of adapted modules, but {decided[outside[0]]} trains "
+                f"{outside[0]!r}; use bias: all"
+            )
+    if bias == lora_plan.spec.bias:
+        return lora_plan
+    return dataclasses.replace(lora_plan, spec=lora_plan.spec.model_copy(update={"bias": bias}))
 
 
 def _plan_norms(
@@ -334,7 +497,11 @@ def _plan_norms(
     decided: dict[str, str],
     replaced: Mapping[str, HeadChange],
     warnings: list[str],
+    *,
+    lora: bool = False,
 ) -> list[NormChange]:
+    """The BatchNorm conversions of ``policy``. With LoRA every BatchNorm's statistics stay fixed under ``auto``: a
+    PEFT adapter carries no running statistics (a trained BatchNorm bias, BitFit, trains its affine only)."""
     changes: list[NormChange] = []
     drifting = 0
     for path, bn in norms_mod.batchnorms(model, include_fixed=True).items():
@@ -347,14 +514,14 @@ def _plan_norms(
             frozen = not any(trainable[n] for n in _siblings(path, trainable))
         kind = type(bn).__name__
         if isinstance(bn, norms_mod.StatsFixed):  # fixed by an earlier plan (a previous training stage)
-            if policy == "train" or (policy != "eval" and not frozen):
+            if policy == "train" or (policy != "eval" and not frozen and not lora):
                 base = norms_mod.released_class(type(bn)).__name__
                 changes.append(NormChange(path, kind, "train", base, f"norm: {policy}, parameters trainable again"))
             continue
         fixable = norms_mod.stats_fixed_class(type(bn)) is not None
         if policy == "train":
             drifting += frozen
-        elif (policy == "eval" or frozen) and not fixable and not (policy == "frozen" and _freezable(bn)):
+        elif (policy == "eval" or frozen or lora) and not fixable and not (policy == "frozen" and _freezable(bn)):
             warnings.append(  # a custom BatchNorm class: say so rather than build a class at run time
                 f"{path}: {kind} has no stats-fixed form, so its running statistics keep updating in training; "
                 "use a standard BatchNorm class, or surgery.norm=frozen for a BatchNorm2d subclass"
@@ -366,6 +533,8 @@ def _plan_norms(
             changes.append(NormChange(path, kind, "frozen", norms_mod.frozen_class_name(bn), "norm: frozen"))
             for n in own:
                 decided[n] = f"{decided[n]}; norm: frozen"
+        elif lora and not frozen:
+            changes.append(NormChange(path, kind, "eval", f"StatsFixed{kind}", f"norm: {policy}, LoRA"))
         elif frozen:
             if policy == "frozen":
                 warnings.append(f"{path}: {kind} has no frozen form; its statistics are fixed instead (norm: eval)")

@@ -137,7 +137,19 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "trainable_params": plan.trainable_params,
         "frozen_params": plan.frozen_params,
         "total_params": total,
-        "layers": [{"index": la.index, "name": la.name, "params": len(la.params)} for la in plan.layers],
+        "layers": [
+            {
+                "index": la.index,
+                "name": la.name,
+                "params": len(la.params),
+                **(
+                    {"lora_params": sum(p.numel for p in plan.parameters if p.lora and p.layer == la.index)}
+                    if plan.lora is not None
+                    else {}
+                ),
+            }
+            for la in plan.layers
+        ],
         "parameters": [
             {
                 "name": p.name,
@@ -148,9 +160,11 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
                 "weight_decay": p.weight_decay,
                 "rule": p.rule,
                 "new": p.new,
+                "lora": p.lora,
             }
             for p in plan.parameters
         ],
+        "lora": _lora_dict(plan),
         "heads": [
             {
                 "key": h.key,
@@ -171,9 +185,32 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
     }
 
 
+def _lora_dict(plan: Plan) -> dict[str, Any] | None:
+    lp = plan.lora
+    if lp is None:
+        return None
+    spec = lp.spec
+    return {
+        "targets": list(lp.targets),
+        "rank": spec.rank,
+        "alpha": spec.alpha if spec.alpha is not None else float(spec.rank),
+        "dropout": spec.dropout,
+        "use_dora": spec.use_dora,
+        "use_rslora": spec.use_rslora,
+        "init": spec.init,
+        "bias": spec.bias,
+        "modules_to_save": list(lp.modules_to_save),
+        "params": plan.lora_params,
+        "trainable_params": sum(p.numel for p in plan.parameters if p.lora and p.trainable),
+    }
+
+
 def plan_table(plan: Plan) -> str:
-    """A readable table of a plan grouped by layer, with totals, heads, norm changes and warnings."""
-    rows = [("#", "layer", "params", "trainable", "frozen", "lr", "wd", "rule")]
+    """A readable table of a plan grouped by layer, with totals, heads, norm changes and warnings.
+
+    With ``surgery.lora`` a `lora` column gives each layer's LoRA parameters (counted in `params` too)."""
+    lora = plan.lora is not None
+    rows = [("#", "layer", "params", "trainable", "frozen", *(("lora",) if lora else ()), "lr", "wd", "rule")]
     by_layer: dict[int, list[ParamPlan]] = {}
     for p in plan.parameters:
         by_layer.setdefault(p.layer, []).append(p)
@@ -181,17 +218,29 @@ def plan_table(plan: Plan) -> str:
         ps = by_layer.get(layer.index, [])
         trainable = sum(p.numel for p in ps if p.trainable)
         frozen = sum(p.numel for p in ps if not p.trainable)
+        lora_cell = (f"{sum(p.numel for p in ps if p.lora):,}",) if lora else ()
         lrs = sorted({p.lr for p in ps if p.lr is not None})
         wds = sorted({p.weight_decay for p in ps if p.weight_decay is not None})
         lr = "-" if not lrs else f"{lrs[0]:.2e}" if len(lrs) == 1 else f"{lrs[0]:.2e}..{lrs[-1]:.2e}"
         wd = "-" if not wds else "/".join(f"{w:g}" for w in wds)
-        rules = list(dict.fromkeys(p.rule for p in ps))
+        shown = [p for p in ps if p.trainable] if lora and any(p.trainable for p in ps) else ps  # LoRA: what trains
+        rules = list(dict.fromkeys(p.rule for p in shown))
         rule = rules[0] if len(rules) == 1 else f"{rules[0]} (+{len(rules) - 1} more)"
         rows.append(
-            (str(layer.index), layer.name, f"{trainable + frozen:,}", f"{trainable:,}", f"{frozen:,}", lr, wd, rule)
+            (
+                str(layer.index),
+                layer.name,
+                f"{trainable + frozen:,}",
+                f"{trainable:,}",
+                f"{frozen:,}",
+                *lora_cell,
+                lr,
+                wd,
+                rule,
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = {0, 2, 3, 4}
+    right = {0, 2, 3, 4, 5} if lora else {0, 2, 3, 4}
     lines = [f"Plan for {plan.model_name}"]
     if plan.recipe.description:
         lines.append(f"  {plan.recipe.description.strip()}")
@@ -204,6 +253,17 @@ def plan_table(plan: Plan) -> str:
         f"Total: {total:,} parameters: {plan.trainable_params:,} trainable ({share:.2f}%), "
         f"{plan.frozen_params:,} frozen, in {len(plan.layers)} layers"
     )
+    if plan.lora is not None:
+        spec, lp = plan.lora.spec, plan.lora
+        alpha = spec.alpha if spec.alpha is not None else spec.rank
+        shown = ", ".join(lp.targets[:3]) + (f", ... ({len(lp.targets)} modules)" if len(lp.targets) > 3 else "")
+        extras = [k for k in ("use_dora", "use_rslora") if getattr(spec, k)]
+        extras += [f"bias: {spec.bias}"] if spec.bias != "none" else []
+        lines.append(
+            f"LoRA: rank {spec.rank}, alpha {alpha:g}{''.join(', ' + e for e in extras)} on {shown}: "
+            f"{plan.lora_params:,} parameters ({100.0 * plan.lora_params / total if total else 0.0:.2f}% of the model)"
+            + (f"; saved whole: {', '.join(lp.modules_to_save)}" if lp.modules_to_save else "")
+        )
     for h in plan.heads:
         state = "trainable" if h.spec.trainable else "frozen"
         lines.append(f"Head {h.key}: {h.path}: {h.old} -> {h.new} ({state})")

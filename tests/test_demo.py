@@ -39,7 +39,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert step in out
     assert "| recipe | examples/class | trainable params | adapter size | train time | top-1 |" in out
     runs = {r["recipe"]: r for r in json.loads((tmp_path / "results.json").read_text())}
-    assert set(runs) == {"linear-probe", "full-finetune", "llrd", "gradual-unfreeze", "scratch"}
+    assert set(runs) == {"linear-probe", "full-finetune", "llrd", "gradual-unfreeze", "lora", "scratch"}
     print({k: round(r["top1"], 3) for k, r in runs.items()})
     assert {r["classes"] for r in runs.values()} == {5}
     assert runs["linear-probe"]["base"] == "hf-hub:demo/digits-base" and runs["scratch"]["base"] == "test_resnet"
@@ -47,5 +47,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert runs["linear-probe"]["top1"] >= runs["scratch"]["top1"] + 0.15
     assert runs["full-finetune"]["top1"] >= runs["scratch"]["top1"] + 0.15
     assert runs["linear-probe"]["size_bytes"] < 10_000 and runs["linear-probe"]["trainable_params"] < 1000
+    # LoRA: a fraction of full fine-tuning's trainable parameters, loaded back from the hub in a fresh process
+    assert runs["lora"]["trainable_params"] < runs["full-finetune"]["trainable_params"] / 3
+    assert runs["lora"]["kind"] == "adapter" and runs["lora"]["top1"] >= runs["scratch"]["top1"] + 0.15
     for name in ("results.md", "top1_vs_shots.png", "learning_curves.png"):
         assert (tmp_path / name).stat().st_size > 0

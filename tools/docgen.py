@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import re
 import shlex
@@ -98,7 +99,7 @@ def recipe_reference() -> str:
         "```yaml\n# yaml-language-server: $schema=./recipe.schema.json\n```\n\n"
     )
     for model in _models(Recipe):
-        doc = (model.__doc__ or "").strip()
+        doc = inspect.cleandoc(model.__doc__ or "")  # later docstring lines are indented: not a code block
         out.append(f"## {model.__name__}\n\n{doc}\n\n| key | type | default | meaning |\n|---|---|---|---|\n")
         for name, field in model.model_fields.items():
             key = field.alias or name

@@ -48,7 +48,16 @@ def card_text(
 
     base = config.base
     tags = ["image-classification", "timm", "timm-surgery", "merged" if merged else "adapter"]
-    data = ModelCardData(library_name="timm", base_model=base_model_id, tags=tags, pipeline_tag="image-classification")
+    lora = not merged and bool((config.recipe.get("surgery") or {}).get("lora"))
+    if lora:  # PEFT files sit next to surgery.json: the Hub lists the repo as a PEFT adapter of its base
+        tags.insert(2, "lora")
+        base_model_id = base_model_id or str(base.model or "").removeprefix(HF_HUB) or None
+    data = ModelCardData(
+        library_name="peft" if lora else "timm",
+        base_model=base_model_id,
+        tags=tags,
+        pipeline_tag="image-classification",
+    )
     recipe = yaml.safe_dump(config.recipe, sort_keys=False, default_flow_style=None).strip()
     classes = config.class_names or []
     shown = ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "")
@@ -70,6 +79,13 @@ def card_text(
             f"`hf-hub:{repo}@<commit sha>`. `surgery merge ADAPTER OUT` writes a plain timm folder."
         )
         size = f"\n- Adapter: {config.adapter_bytes:,} bytes ({len(config.tensors)} tensors)"
+        if lora:
+            how += (
+                "\n\nA LoRA adapter in PEFT's format too (`adapter_config.json`, `adapter_model.safetensors`):\n\n"
+                f"```python\nimport timm\nfrom peft import PeftModel\n\nbase = timm.create_model("
+                f'"{base.model}", pretrained={base.pretrained}, num_classes={config.num_classes})\n'
+                f'model = PeftModel.from_pretrained(base, "{repo}").eval()\n```'
+            )
     if base.checkpoint:
         base_line = f"`{base.model}` with the checkpoint `{base.checkpoint}` (sha256 `{base.checkpoint_sha256}`)"
     else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from surgery.io import sha256_file
 from surgery.plan import Plan
 
 log = logging.getLogger(__name__)
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # surgery.lora.CONFIG_NAME, WEIGHTS_NAME
 
 AdapterInfo = dict[str, Any]
 """The parsed ``surgery.json`` as plain data (``AdapterConfig.to_dict()``), plus ``source`` after a load."""
@@ -65,7 +67,7 @@ def resolve(ref: str | Path, *, token: str | None = None) -> Source:
     text = str(ref)
     if text.startswith(HF_HUB):
         _, pinned = hub.parse_ref(text)
-        folder = hub.download(text, allow_patterns=[ADAPTER_FILE, CONFIG_FILE, CARD_FILE], token=token)
+        folder = hub.download(text, allow_patterns=[ADAPTER_FILE, CONFIG_FILE, CARD_FILE, *PEFT_FILES], token=token)
         revision = folder.name if is_commit(folder.name) else None  # huggingface_hub names snapshots by commit
         if is_commit(pinned) and revision != pinned:
             raise AdapterError(f"{text}: the hub served commit {revision}, not the pinned {pinned}; refused")
@@ -267,7 +269,12 @@ def load_folder(
 
 
 def load(
-    ref: str | Path, *, base: BaseLike = None, fingerprint: str | None = None, token: str | None = None
+    ref: str | Path | nn.Module,
+    *,
+    base: BaseLike = None,
+    fingerprint: str | None = None,
+    token: str | None = None,
+    adapters: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
 ) -> nn.Module:
     """The trained model of an adapter (folder or ``hf-hub:org/name[@revision]``), in eval mode.
 
@@ -280,8 +287,113 @@ def load(
     model's. A wrong base, a missing or extra tensor, a shape mismatch or a tampered file raises
     :class:`AdapterError`. ``model.adapter_info`` holds ``surgery.json`` and ``source`` (the ref and the commit a hub
     ref resolved to: pin it as ``hf-hub:org/name@<sha>``). ``model.pretrained_cfg`` carries the training data config.
+
+    A LoRA run loads with its LoRA layers (PEFT's, injected by the replayed plan). A folder PEFT itself saved (no
+    ``surgery.json``) needs ``base`` and gives a ``PeftModel`` (:func:`load_peft_folder`). With ``adapters``, ``ref``
+    is the base and several LoRA adapters share it (:func:`load_adapters`).
     """
-    return load_folder(resolve(ref, token=token), base=base, fingerprint=fingerprint, token=token).model
+    if adapters is not None:
+        return load_adapters(ref, adapters, fingerprint=fingerprint, token=token)
+    if isinstance(ref, nn.Module):
+        raise AdapterError(
+            "load: a model as the first argument is a base; name its adapters: load(base, adapters=[...])"
+        )
+    source = resolve(ref, token=token)
+    if not (source.folder / CONFIG_FILE).is_file() and (source.folder / PEFT_FILES[0]).is_file():
+        return load_peft_folder(source, base=base)
+    return load_folder(source, base=base, fingerprint=fingerprint, token=token).model
+
+
+def load_adapters(
+    base: BaseLike | str | Path,
+    adapters: Sequence[str | Path] | Mapping[str, str | Path],
+    *,
+    fingerprint: str | None = None,
+    token: str | None = None,
+) -> nn.Module:
+    """Several LoRA adapters over one base: a :class:`surgery.lora.MultiAdapterModel` (``.use(name)`` switches,
+    ``.predict_all(x)`` runs each; the base is loaded once).
+
+    ``adapters``: folders or ``hf-hub:`` references (named by their last path part), or a mapping name -> reference;
+    each is a LoRA run's folder or a folder PEFT saved. ``base``: a model (a copy is used) or a reference built
+    pretrained with the first adapter's class count. An adapter with ``surgery.json`` must record this base's
+    fingerprint (and ``fingerprint``, when given, is checked first), as :func:`load` does.
+    """
+    from surgery import lora
+
+    named = (
+        dict(adapters)
+        if isinstance(adapters, Mapping)
+        else {str(a).rstrip("/").split("/")[-1].split("@")[0]: a for a in adapters}
+    )
+    if not named or len(named) != len(adapters):
+        raise AdapterError(
+            "load: adapters= needs distinct adapters; pass a mapping name -> folder or hf-hub: reference"
+        )
+    folders = {name: resolve(ref, token=token) for name, ref in named.items()}
+    for source in folders.values():
+        if not (source.folder / PEFT_FILES[0]).is_file():
+            raise AdapterError(
+                f"{source.ref}: not a LoRA adapter (no {PEFT_FILES[0]}); adapters= takes LoRA runs or PEFT folders"
+            )
+    first = next(iter(folders.values()))
+    model, got = _peft_base(first.folder, base)
+    if fingerprint is not None and got != fingerprint:
+        raise AdapterError(f"load: the base's fingerprint {got[:19]}... is not the trusted {fingerprint[:19]}...")
+    for source in folders.values():
+        if (source.folder / CONFIG_FILE).is_file():
+            config = read_config(source.folder)
+            if config.base.fingerprint != got:
+                raise _wrong_base(config, got, config.base.fingerprint, supplied="model")
+    return lora.MultiAdapterModel(model, {name: source.folder for name, source in folders.items()})
+
+
+def _peft_base(folder: Path, base: BaseLike | str | Path) -> tuple[nn.Module, str]:
+    """(the base for a PEFT adapter folder, its fingerprint before its head is fitted): a copy of a model, or a
+    reference built pretrained; a timm classifier is then sized to the adapter's saved head (its rows), which replaces
+    it anyway (PEFT ``modules_to_save``)."""
+    from surgery import lora
+    from surgery.models import build_model
+    from surgery.recipe import ModelSpec
+
+    if base is None:
+        raise AdapterError(
+            f"{folder}: a PEFT adapter (adapter_config.json, no {CONFIG_FILE}) names its base without weights or "
+            "fingerprint; pass the base: surgery.load(ref, base=model) or --base NAME"
+        )
+    if isinstance(base, nn.Module):
+        model = copy.deepcopy(base)
+    else:
+        model = build_model(ModelSpec(name=str(base), pretrained=True), where="--base")
+    got = fingerprint_of(model)
+    config = lora.read_peft_config(folder)
+    tensors = lora.read_peft_weights(folder)
+    widths = {
+        tensors[key].shape[0]
+        for path in config.modules_to_save or ()
+        for key in [f"base_model.model.{path}.weight"]
+        if key in tensors and tensors[key].ndim >= 2
+    }
+    if len(widths) == 1 and hasattr(model, "reset_classifier") and getattr(model, "num_classes", None) != min(widths):
+        model.reset_classifier(widths.pop())
+    return model, got
+
+
+def load_peft_folder(source: Source, *, base: BaseLike) -> nn.Module:
+    """A LoRA adapter PEFT itself saved for a timm model (``adapter_config.json``, no ``surgery.json``) on ``base``.
+
+    PEFT records its base by name only (``base_model_name_or_path``, never fetched here: the folder is untrusted), so
+    the base is the caller's: a model (a copy is used) or a reference (timm name, ``hf-hub:``) built pretrained with the
+    class count of the adapter's head. Loading is :func:`surgery.lora.load_peft`: the config checked key by key,
+    weights from ``adapter_model.safetensors`` only, every tensor fitting the base. Returns the ``PeftModel``.
+    """
+    from surgery import lora
+
+    folder = source.folder
+    model, _ = _peft_base(folder, base)
+    peft_model = lora.load_peft(model, folder)
+    peft_model.adapter_info = {"source": source.to_dict(), "format": "peft"}  # type: ignore[assignment]
+    return peft_model
 
 
 def data_config_of(model: nn.Module) -> Mapping[str, Any]:

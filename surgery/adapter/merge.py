@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from surgery import lora
 from surgery.adapter.format import CARD_FILE, MERGED_CONFIG, MERGED_WEIGHTS, AdapterConfig
 from surgery.adapter.load import BaseLike, load_folder, resolve
 from surgery.errors import AdapterError
@@ -131,6 +132,11 @@ def merge(
     with torch.no_grad():
         expected = model(probe)
     model = plain_norms(model, loaded.base_state).eval()
+    tolerance = 0.0
+    peft_model = lora.peft_of(model)
+    if peft_model is not None:  # PEFT's merge: W + scale * B @ A, equal to the adapted outputs up to float rounding
+        model = lora.merge(peft_model).eval()
+        tolerance = LORA_TOLERANCE
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".merge-"))
@@ -147,7 +153,7 @@ def merge(
             staging / CARD_FILE, config, base_model_id=base_model_id(model, config.base.model_dump()), merged=True
         )
         if check:
-            _check_merged(staging, probe, expected)
+            _check_merged(staging, probe, expected, tolerance=tolerance)
         for name in (MERGED_WEIGHTS, MERGED_CONFIG, CARD_FILE):
             os.replace(staging / name, out / name)
     finally:
@@ -155,7 +161,12 @@ def merge(
     return out
 
 
-def _check_merged(out: Path, probe: torch.Tensor, expected: torch.Tensor) -> None:
+LORA_TOLERANCE = 1e-4
+"""A LoRA merge changes the weights' float rounding: merged outputs must equal the adapter's within this, relative to
+the largest output magnitude (at least 1). Without LoRA a merge is exact."""
+
+
+def _check_merged(out: Path, probe: torch.Tensor, expected: torch.Tensor, *, tolerance: float = 0.0) -> None:
     import timm
 
     try:
@@ -166,8 +177,9 @@ def _check_merged(out: Path, probe: torch.Tensor, expected: torch.Tensor) -> Non
         ) from None
     with torch.no_grad():
         got = merged(probe)
-    if got.shape != expected.shape or not torch.equal(got, expected):  # merged exports are exact, not "close"
-        diff = (got - expected).abs().max().item() if got.shape == expected.shape else math.inf
+    diff = (got - expected).abs().max().item() if got.shape == expected.shape else math.inf
+    scale = max(1.0, expected.abs().max().item())
+    if diff > tolerance * scale or (not tolerance and not torch.equal(got, expected)):  # exact unless LoRA
         raise AdapterError(
             f"merge: timm's model from the merged folder gives different outputs (max difference {diff:.3g}); "
             "keep the adapter and load it with surgery.load"

@@ -19,7 +19,15 @@ log = logging.getLogger(__name__)
 # The adapter set: what loading needs, plus the run's small records that hold no path of this machine. recipe.yaml,
 # classes.json and metrics.json stay home: surgery.json already holds the resolved recipe (paths removed), the class
 # names and the meaningful metrics, while those files carry local paths, histories and internal counters.
-ADAPTER_SET = (ADAPTER_FILE, CONFIG_FILE, CARD_FILE, "plan.json", "learning_curve.png")
+ADAPTER_SET = (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    CARD_FILE,
+    "plan.json",
+    "learning_curve.png",
+    "adapter_config.json",  # PEFT's files, in a LoRA run's folder (surgery.lora.CONFIG_NAME, WEIGHTS_NAME)
+    "adapter_model.safetensors",
+)
 MERGED_SET = (MERGED_WEIGHTS, MERGED_CONFIG, CARD_FILE)
 CHECKPOINTS = "checkpoints"
 

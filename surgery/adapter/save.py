@@ -304,10 +304,27 @@ def save_adapter(
         "data_config": data.model_dump() if data else None,
     }
     config = parse_config(raw, where=f"save_adapter: {folder / CONFIG_FILE}")  # what we write must read back
+    _save_peft(model, folder, ref)
     write_config(folder, config)
     write_card(folder / CARD_FILE, config, base_model_id=base_model_id(base_model or model, raw["base"]))
     log.info("saved adapter %s (%d tensors)", folder, len(tensors))
     return folder
+
+
+def _save_peft(model: nn.Module, folder: Path, ref: Mapping[str, Any] | None) -> None:
+    """With LoRA, PEFT's own files next to ours, so ``PeftModel.from_pretrained(timm.create_model(BASE,
+    num_classes=N), folder)`` loads the adapter without this package (its README.md is replaced by our card)."""
+    from surgery import lora
+
+    peft_model = lora.peft_of(model)
+    if peft_model is None:
+        return
+    if ref is None or not ref.get("model"):
+        raise AdapterError(
+            "save_adapter: a LoRA adapter names its base (PEFT's base_model_name_or_path); give the "
+            "recipe a model: section"
+        )
+    lora.save_peft(peft_model, folder, str(ref["model"]))
 
 
 def write_config(folder: Path, config: AdapterConfig) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "HeadSpec",
     "HubSpec",
     "LayerRange",
+    "LoraSpec",
     "ModelSpec",
     "OptimSpec",
     "PositiveFloat",
@@ -171,6 +172,71 @@ class HeadSpec(_Section):
         return self
 
 
+class LoraSpec(_Section):
+    """LoRA adapters (PEFT's `LoraConfig`) on chosen layers of the backbone; the rest of the backbone starts frozen.
+
+    The LoRA weights start trainable, every base weight frozen; `surgery.rules` then apply to both as to any parameter
+    (`unfreeze: '*.bias'` is BitFit with LoRA; `select` with `lr_mult` and `optim.layer_decay` set their lr; LoRA
+    weights are named `<module>.lora_A.default.weight` / `lora_B`, so `'*.lora_*'` selects them all). New heads train
+    whole (PEFT `modules_to_save`). A base parameter other than a bias cannot train with LoRA: a PEFT adapter could
+    not carry it. The run's folder holds PEFT's `adapter_config.json` and `adapter_model.safetensors` too.
+    """
+
+    targets: Selector = Field(
+        description="Modules to adapt, by module name: glob patterns (`blocks.*.attn.qkv`), `re:` regular "
+        "expressions, `!pattern` to exclude, or a layer range `{from, to, which}` (every Linear/Conv of those "
+        "layers). A pattern must match only modules LoRA can adapt (Linear, Conv1d/2d/3d with groups=1, "
+        "Embedding); new heads are never targets (they train whole).",
+    )
+    rank: int = Field(8, ge=1, description="Rank `r` of the low-rank update.")
+    alpha: float | None = Field(
+        None,
+        gt=0,
+        description="Scaling numerator `lora_alpha`: the update is scaled by alpha/rank "
+        "(alpha/sqrt(rank) with `use_rslora`). Unset: equal to `rank` (scale 1).",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input (`lora_dropout`).")
+    use_dora: bool = Field(False, description="DoRA: also learn each adapted weight's magnitude (PEFT `use_dora`).")
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha/sqrt(rank) (`use_rslora`).")
+    init: Literal["default", "gaussian"] = Field(
+        "default",
+        description="Initialization of the LoRA weights: `default` (Kaiming A, zero B: training starts from the "
+        "base model exactly) or `gaussian` (Gaussian A scaled by the rank, zero B). PEFT's data- or SVD-based "
+        "inits (PiSSA, OLoRA, EVA, CorDA, LoftQ) change the base weights, so an adapter could no longer be "
+        "shared over the plain base; they are not offered.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none",
+        description="Biases that train and are saved with the adapter (PEFT `bias`): `none`, `all` (BitFit "
+        "together with LoRA) or `lora_only` (biases of adapted modules).",
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="A different rank for some targets: module pattern (glob or `re:`, as in `targets`) -> rank. "
+        "Each pattern must match at least one target.",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict,
+        description="A different alpha for some targets: module pattern -> alpha.",
+    )
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _ranks_positive(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, v in value.items() if isinstance(v, bool) or v < 1]
+        if bad:
+            raise ValueError(f"rank_pattern[{bad[0]!r}] must be a rank >= 1")
+        return value
+
+    @field_validator("alpha_pattern")
+    @classmethod
+    def _alphas_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in value.items() if v <= 0]
+        if bad:
+            raise ValueError(f"alpha_pattern[{bad[0]!r}] must be > 0")
+        return value
+
+
 class SurgerySpec(_Section):
     """What to freeze, what to replace and how norm layers behave."""
 
@@ -191,6 +257,11 @@ class SurgerySpec(_Section):
         "frozen. `frozen`: those layers become timm's FrozenBatchNorm (statistics and affine fixed). `eval`: "
         "statistics fixed in every BatchNorm, affine follows the rules. `train`: statistics update everywhere, "
         "even in frozen layers.",
+    )
+    lora: LoraSpec | None = Field(
+        None,
+        description="LoRA adapters on the backbone (PEFT): `targets` (module selectors), `rank`, `alpha`, "
+        "`dropout`, ... Base weights start frozen, LoRA weights trainable, then `rules` apply. See docs/lora.md.",
     )
 
 

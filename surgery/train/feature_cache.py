@@ -36,6 +36,8 @@ def feature_cache_reason(plan: Plan, recipe: Recipe, *, custom_data: bool = Fals
     """
     if recipe.train.feature_cache == "off":
         return "train.feature_cache is off"
+    if plan.lora is not None:
+        return "surgery.lora adds layers inside the backbone, so its features change in training"
     if len(plan.heads) != 1:
         return "it needs exactly one new head (surgery.heads) as the only trainable part"
     path = plan.heads[0].path
