@@ -351,7 +351,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         plot = Path(args.out)
     else:
         stem = Path(recipe.source).stem if not recipe.source.startswith("<") else None
-        model = recipe.model.name if recipe.model else None
+        model = recipe.model.label if recipe.model else None
         plot = default_output_dir(model, stem, root=Path("output") / "lr-find") / "lr_find.png"
     result = lr_find(recipe, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, plot=plot)
     if args.json:

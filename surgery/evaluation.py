@@ -70,7 +70,7 @@ def _load_run(folder: Path) -> EvalModel:
     from surgery.adapter.format import CONFIG_FILE, read_config
     from surgery.adapter.save import replay
     from surgery.data.transforms import resolve_data_cfg
-    from surgery.models import build_model
+    from surgery.models import build_model, build_recipe_model
     from surgery.recipe import load_recipe
     from surgery.train.run_folder import CLASSES, RECIPE, WEIGHTS
     from surgery.train.trainer import uses_channels_last
@@ -82,8 +82,11 @@ def _load_run(folder: Path) -> EvalModel:
             "train with a recipe that names model.name"
         )
     # every weight comes from model.safetensors: skip downloading pretrained weights or reading the base checkpoint
-    spec = recipe.model.model_copy(update={"pretrained": False, "checkpoint": None})
-    model = build_model(spec, where=recipe.where("model"))
+    if recipe.model.adapter is None:
+        spec = recipe.model.model_copy(update={"pretrained": False, "checkpoint": None})
+        model = build_model(spec, where=recipe.where("model"))
+    else:  # continued from an adapter: its structure (heads, LoRA layers) comes from loading it
+        model = build_recipe_model(recipe.model, where=recipe.where("model"))
     replay(model, recipe)
     state = load_file(str(folder / WEIGHTS))
     try:
@@ -91,7 +94,7 @@ def _load_run(folder: Path) -> EvalModel:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise SurgeryError(
-            f"{folder / WEIGHTS}: does not fit the model {recipe.model.name} of {RECIPE}: {first}"
+            f"{folder / WEIGHTS}: does not fit the model {recipe.model.label} of {RECIPE}: {first}"
         ) from None
     model.eval()
     names = json.loads((folder / CLASSES).read_text()) if (folder / CLASSES).is_file() else None

@@ -141,6 +141,31 @@ def build_model(
     return model
 
 
+MAX_ADAPTER_CHAIN = 8
+"""How many adapters deep ``model.adapter`` may chain (an adapter continued from an adapter...): a loop or a hostile
+chain stops here."""
+
+
+def build_recipe_model(spec: ModelSpec, *, meta: bool = False, where: str = "model", depth: int = 0) -> nn.Module:
+    """The model of a recipe's ``model:`` section: :func:`build_model` for ``name``; for ``adapter`` (continue
+    training), the adapter loaded onto the base it records by :func:`surgery.adapter.load` (fingerprint checked, heads,
+    LoRA layers and data config included), with ``checkpoint`` as the base's local checkpoint.
+
+    An adapter is always loaded for real, also when ``meta`` is asked (``surgery plan``): only its weights say what it
+    is. ``depth`` counts adapters continued from adapters (:data:`MAX_ADAPTER_CHAIN`).
+    """
+    if spec.adapter is None:
+        return build_model(spec, meta=meta, where=where)
+    if depth >= MAX_ADAPTER_CHAIN:
+        raise ModelError(
+            f"{where}.adapter: adapters continued from adapters {MAX_ADAPTER_CHAIN} deep; merge one (surgery merge) "
+            "and train from the merged model"
+        )
+    from surgery.adapter.load import load_chained
+
+    return load_chained(spec.adapter, checkpoint=spec.checkpoint, depth=depth + 1, where=f"{where}.adapter")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
@@ -552,8 +577,8 @@ def fit_img_size(recipe: Any) -> tuple[Any, str | None]:
     Trainers call this before building the model, as ``surgery plan`` does.
     """
     spec, size = recipe.model, recipe.data.img_size
-    if spec is None or size is None or "img_size" in spec.kwargs:
-        return recipe, None
+    if spec is None or spec.adapter is not None or size is None or "img_size" in spec.kwargs:
+        return recipe, None  # an adapter's base is built as it records (its data config says its input size)
     model = build_model(spec, meta=True, where=recipe.where("model"))
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     native = tuple(cfg.get("input_size") or ())[-2:]

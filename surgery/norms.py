@@ -195,6 +195,29 @@ def freeze(module: _BatchNorm) -> nn.Module:
     return frozen
 
 
+def thaw(model: nn.Module) -> nn.Module:
+    """Undo every conversion in ``model``, in place: BatchNorms as a freshly built model has them, statistics and
+    affine parameters free to train (a model loaded from an adapter that training continues from, ``model.adapter``).
+
+    2-d (and BatchNormAct2d) modules go back through timm's ``unfreeze_batch_norm_2d``, the inverse of the
+    ``freeze_batch_norm_2d`` used by :func:`freeze`; timm has no 1-d version, so :class:`FrozenBatchNorm1d` is undone
+    here. A BatchNorm's ``momentum`` is not kept by a frozen module and returns as the default 0.1.
+    """
+    from timm.layers import unfreeze_batch_norm_2d
+
+    unfreeze_batch_norm_2d(model)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, FrozenBatchNorm1d):
+            bn = nn.BatchNorm1d(module.num_features, eps=module.eps, device=module.running_mean.device)
+            with torch.no_grad():
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, name).copy_(getattr(module, name))
+            model.set_submodule(path, bn)
+        else:
+            release(module)
+    return model
+
+
 def frozen_class_name(module: _BatchNorm) -> str:
     """The class a ``frozen`` conversion produces, for the plan (without converting)."""
     if isinstance(module, nn.BatchNorm1d):

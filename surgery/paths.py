@@ -7,7 +7,7 @@ key holds an absolute path, so nothing downstream resolves recipe paths again.
 
 The path keys are the schema fields marked ``format: path`` (``model.checkpoint``, ``data.root``,
 ``data.train_csv``/``val_csv``/``test_csv``, ``train.output_dir``), plus the folder of a ``local-dir:`` model reference
-in ``model.name``.
+in ``model.name`` and a folder in ``model.adapter`` (not an ``hf-hub:`` reference).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import BaseModel
 PATH_FORMAT = "path"
 """``json_schema_extra={"format": PATH_FORMAT}`` marks a schema field as a path key."""
 LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
 
 KeyPath = tuple[str | int, ...]
 
@@ -72,3 +73,6 @@ def resolve_paths(data: dict[str, Any], folder_of: Callable[[KeyPath], Path | No
             data["model"] = resolved
         else:
             model["name"] = resolved
+    adapter = model.get("adapter") if isinstance(model, Mapping) else None
+    if isinstance(adapter, str) and adapter and not adapter.startswith(HF_HUB):
+        model["adapter"] = absolute(adapter, folder_of(("model", "adapter")))

@@ -191,7 +191,7 @@ def _as_recipe(recipe: RecipeLike) -> LoadedRecipe:
 
 def _model_name(model: nn.Module, recipe: Recipe) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or (recipe.model.name if recipe.model else type(model).__name__)
+    return cfg.get("architecture") or (recipe.model.label if recipe.model else type(model).__name__)
 
 
 def _no_weight_decay(model: nn.Module) -> set[str]:
@@ -266,6 +266,19 @@ def plan(model: nn.Module, recipe: RecipeLike, *, num_classes: int | None = None
     for path, change in replaced.items():
         if path not in inserted:  # replacing a parameter-less module (Identity): the new head goes last
             entries += [(n, s, True, change) for n, s in change.shapes.items()]
+    if head_changes and _carries_lora(model):
+        first = head_changes[0]
+        raise RecipeError(
+            f"{recipe.where('surgery', 'heads', first.key)}: the model carries LoRA layers already (model.adapter, or "
+            f"an earlier stage) and PEFT trains its head {first.path!r} with them; continue without surgery.heads, or "
+            "start from the base model (model.name) with surgery.lora for new classes"
+        )
+    if head_changes and getattr(model, "adapter_info", None) is not None:  # a loaded adapter (model.adapter)
+        warnings += [
+            f"heads.{c.key} replaces the head {c.path!r} the adapter trained (model.adapter); remove surgery.heads "
+            "to keep training it"
+            for c in head_changes
+        ]
     lora_plan, lora_label = None, ""
     if spec.lora is not None or _carries_lora(model):
         entries, head_changes, lora_plan, lora_label = _lora_entries(model, recipe, entries, head_changes)

@@ -93,7 +93,7 @@ def plan_recipe(
     """
     from surgery import stages
     from surgery.features import feature_cache_reason
-    from surgery.models import build_model, fit_img_size
+    from surgery.models import build_recipe_model, fit_img_size
     from surgery.optim import describe_optimizer
 
     extra = [*overrides, *([f"model.name={model}"] if model else [])]
@@ -118,7 +118,19 @@ def plan_recipe(
     recipe, note = fit_img_size(recipe)
     if note:
         notes.append(note)
-    net = build_model(recipe.model, meta=True, where=recipe.where("model"))
+    net = build_recipe_model(recipe.model, meta=True, where=recipe.where("model"))
+    info = getattr(net, "adapter_info", None) if recipe.model.adapter is not None else None
+    if info is not None:  # model.adapter: what training continues from, and the preprocessing it brings
+        base = info["base"]
+        at = (info.get("source") or {}).get("revision")
+        data = info.get("data_config") or {}
+        size = "x".join(map(str, (data.get("input_size") or [])[-2:]))
+        notes.append(
+            f"model: continues from the adapter {recipe.model.adapter}"
+            + (f" at {at[:12]}" if at else "")
+            + f" on {base.get('model')} (fingerprint checked), {info.get('num_classes')} classes"
+            + (f", trained at {size} (its data config is used unless data.img_size is set)" if size else "")
+        )
     planned = stages.plan_stages(net, recipe)
     return RecipePlan(
         recipe=recipe,

@@ -33,6 +33,8 @@ def base_ref(recipe: Any, *, token: str | None) -> dict[str, Any]:
     from surgery.hub import client as hub
 
     spec = recipe.model
+    if spec.adapter is not None:
+        return _adapter_base_ref(spec.adapter, token=token)
     checkpoint = checkpoint_path(recipe)
     revision = None
     if spec.name.startswith(HF_HUB):
@@ -61,6 +63,23 @@ def base_ref(recipe: Any, *, token: str | None) -> dict[str, Any]:
     return ref
 
 
+def _adapter_base_ref(ref: str, *, token: str | None) -> dict[str, Any]:
+    """``surgery.json: base`` of an adapter continued from ``ref`` (recipe ``model.adapter``): the base that adapter
+    records (so the card and PEFT name the real base model), plus the adapter itself: a hub repo pinned to the commit
+    it resolves to now, or a local folder by name only (whoever loads needs that folder: ``--base``)."""
+    from surgery.adapter.format import read_config
+    from surgery.adapter.load import resolve
+    from surgery.hub import client as hub
+
+    source = resolve(ref, token=token)
+    inner = read_config(source.folder).base.model_dump()
+    inner.pop("fingerprint", None)
+    if ref.startswith(HF_HUB):
+        repo_id, _ = hub.parse_ref(ref)
+        return {**inner, "adapter": f"{HF_HUB}{repo_id}", "adapter_revision": source.revision}
+    return {**inner, "adapter": Path(ref).resolve().name, "adapter_revision": None, "reproducible": False}
+
+
 def warn_local_base(base: Mapping[str, Any], *, when: str) -> None:
     """A base that is a local checkpoint cannot be rebuilt elsewhere: say so (at save and at push time)."""
     if base.get("checkpoint"):
@@ -74,9 +93,17 @@ def warn_local_base(base: Mapping[str, Any], *, when: str) -> None:
 
 
 def build_base(
-    base: Mapping[str, Any], *, checkpoint: Path | None = None, token: str | None = None, where: str = CONFIG_FILE
+    base: Mapping[str, Any],
+    *,
+    checkpoint: Path | None = None,
+    token: str | None = None,
+    where: str = CONFIG_FILE,
+    depth: int = 0,
 ) -> nn.Module:
     """Build the base an adapter records, through :func:`surgery.models.build_model` only (its kwargs allow-list).
+
+    The base of an adapter continued from another (``adapter``) is that adapter loaded (:func:`surgery.models.
+    build_recipe_model`'s chain, at most ``MAX_ADAPTER_CHAIN`` deep), from the hub at the recorded commit.
 
     ``hf-hub:`` bases come through this package's hub client, pinned to the recorded commit, safetensors only, and are
     built by timm from that folder. A local checkpoint is ``checkpoint`` (a file the caller names). Every failure is
@@ -86,6 +113,22 @@ def build_base(
     from surgery.models import build_model
     from surgery.recipe import ModelSpec
 
+    if base.get("adapter"):
+        from surgery.recipe import ModelSpec
+
+        adapter = str(base["adapter"])
+        if not adapter.startswith(HF_HUB):
+            raise AdapterError(
+                f"{where}: the base is the local adapter folder {adapter}, which is not here; pass it: surgery load "
+                f"ADAPTER --base PATH/{adapter}, or surgery.load(ref, base=PATH)"
+            )
+        revision = base.get("adapter_revision")
+        spec = ModelSpec(
+            adapter=adapter + (f"@{revision}" if revision else ""), checkpoint=checkpoint and str(checkpoint)
+        )
+        from surgery.models import build_recipe_model
+
+        return build_recipe_model(spec, where=f"{where}: base", depth=depth)
     extra_kwargs = dict(base.get("kwargs") or {})
     name = str(base["model"])
     pretrained = bool(base.get("pretrained"))

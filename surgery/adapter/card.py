@@ -48,7 +48,10 @@ def card_text(
 
     base = config.base
     tags = ["image-classification", "timm", "timm-surgery", "merged" if merged else "adapter"]
-    lora = not merged and bool((config.recipe.get("surgery") or {}).get("lora"))
+    # a LoRA run, or a run that continued one (model.adapter): its tensors are LoRA weights
+    lora = not merged and (
+        bool((config.recipe.get("surgery") or {}).get("lora")) or any(".lora_" in name for name in config.tensors)
+    )
     if lora:  # PEFT files sit next to surgery.json: the Hub lists the repo as a PEFT adapter of its base
         tags.insert(2, "lora")
         base_model_id = base_model_id or str(base.model or "").removeprefix(HF_HUB) or None
@@ -91,6 +94,9 @@ def card_text(
     else:
         base_line = f"`{base.model}`" + (f" at revision `{base.revision}`" if base.revision else "")
         base_line += " (pretrained)" if base.pretrained else ""
+    if base.adapter:  # continued from an adapter (model.adapter): that adapter on its base is what this one changes
+        at = f" at revision `{base.adapter_revision}`" if base.adapter_revision else ""
+        base_line = f"the adapter `{base.adapter}`{at}, on {base_line}"
     trainable, total = config.trainable_params, config.total_params
     share = f" ({100 * trainable / total:.2f}% of {total:,})" if trainable and total else ""
     body = f"""# {title}
@@ -133,6 +139,9 @@ def describe(info: Mapping[str, Any]) -> str:
     base = info["base"]
     revision = f"@{base['revision'][:12]}" if base.get("revision") else ""
     classes = info.get("class_names") or []
+    if base.get("adapter"):
+        at = f"@{base['adapter_revision'][:12]}" if base.get("adapter_revision") else ""
+        revision += f" + adapter {base['adapter']}{at}"
     lines = [
         f"Adapter verified: base {base.get('model')}{revision}, fingerprint {base['fingerprint'][:19]}... matches",
         f"  {len(info['tensors'])} tensors, {info.get('adapter_bytes', 0):,} bytes; "

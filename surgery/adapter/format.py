@@ -42,6 +42,8 @@ COMMIT = r"^[0-9a-f]{40}$"
 # A timm name, a torchvision name or an hf-hub reference: nothing that names a local path (local-dir:, file:).
 BASE_NAME = r"^(hf-hub:[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?|torchvision:\w+|[A-Za-z0-9][\w.-]*)$"
 FILE_NAME = r"^[\w][\w.+-]*\.safetensors$"  # a file name, no directory: it can only ever be looked up where we say
+# The adapter a continued adapter was made on: a hub repo (no revision: adapter_revision pins it) or a folder's name
+ADAPTER_REF = r"^(hf-hub:[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*|[\w][\w.+-]*)$"
 TENSOR_NAME = r"^[\w.]+$"
 
 DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
@@ -74,6 +76,13 @@ class BaseRef(_Strict):
     )
     fingerprint: Annotated[str, Field(pattern=FINGERPRINT)]
     reproducible: bool = False
+    adapter: Annotated[str, Field(pattern=ADAPTER_REF, max_length=300)] | None = Field(
+        None,
+        description="The adapter this one continued from (recipe `model.adapter`): `hf-hub:org/name` (at "
+        "`adapter_revision`), or a local folder's name (never a path). The base is that adapter loaded onto the base "
+        "the other keys describe; `fingerprint` is of that loaded model.",
+    )
+    adapter_revision: Annotated[str, Field(pattern=COMMIT)] | None = None
 
 
 class TensorEntry(_Strict):

@@ -141,26 +141,40 @@ def _wrong_base(config: AdapterConfig, got: str, want: str, *, supplied: str) ->
     return AdapterError(f"wrong base model: {why} (fingerprint {got[:19]}... != {want[:19]}...); {fix}")
 
 
-def _base_from(config: AdapterConfig, base: BaseLike, *, token: str | None, where: str) -> tuple[nn.Module, str]:
+def _base_from(
+    config: AdapterConfig, base: BaseLike, *, token: str | None, where: str, depth: int = 0
+) -> tuple[nn.Module, str]:
     """The base model and how it was supplied ("model", "fingerprint", "reference" or "recorded")."""
-    if isinstance(base, nn.Module):
-        return copy.deepcopy(base), "model"
+    if isinstance(base, nn.Module):  # the adapter it continued, loaded by the caller: made continuable as in training
+        return (continuable(copy.deepcopy(base)) if config.base.adapter else copy.deepcopy(base)), "model"
+    if base is not None and config.base.adapter:  # continued from an adapter: its folder, or the innermost checkpoint
+        text = str(base)
+        if Path(text).expanduser().is_dir():
+            from surgery.models import build_recipe_model
+            from surgery.recipe import ModelSpec
+
+            spec = ModelSpec(adapter=str(Path(text).expanduser().resolve()))
+            return build_recipe_model(spec, where=f"{where}: base", depth=depth), "reference"
+        if not Path(text).expanduser().is_file():
+            raise AdapterError(
+                f"{where}: the base is the adapter {config.base.adapter}; pass its folder (--base DIR), the base "
+                "checkpoint it names, or nothing to fetch it from the hub"
+            )
     if base is not None:
         text = str(base)
         recorded = config.base.model_dump()
         if text.endswith(".safetensors") or Path(text).is_file():  # the local checkpoint the adapter names
             if recorded.get("model") is None:
                 raise AdapterError(f"{where}: the base architecture is not recorded; pass the model: base=model")
-            return build_base(recorded, checkpoint=Path(text).expanduser().resolve(), token=token, where=where), (
-                "reference"
-            )
+            checkpoint = Path(text).expanduser().resolve()
+            return build_base(recorded, checkpoint=checkpoint, token=token, where=where, depth=depth), "reference"
         # another reference to the base: a timm name or hf-hub:, with the recorded architecture arguments
         ref = {**recorded, "model": text, "revision": None, "checkpoint": None, "checkpoint_sha256": None}
         ref["pretrained"] = recorded.get("pretrained") or text.startswith(HF_HUB)
         return build_base(ref, token=token, where="--base"), "reference"
     if config.base.model is None:
         raise AdapterError(f"{where}: the base model is not recorded; pass it: load(ref, base=model)")
-    return build_base(config.base.model_dump(), token=token, where=where), "recorded"
+    return build_base(config.base.model_dump(), token=token, where=where, depth=depth), "recorded"
 
 
 def apply_data_config(model: nn.Module, config: AdapterConfig) -> None:
@@ -226,9 +240,14 @@ def _check_layout(path: Path, header: dict[str, tuple[list[int], str]], model: n
 
 
 def load_folder(
-    source: Source, *, base: BaseLike = None, fingerprint: str | None = None, token: str | None = None
+    source: Source,
+    *,
+    base: BaseLike = None,
+    fingerprint: str | None = None,
+    token: str | None = None,
+    depth: int = 0,
 ) -> Loaded:
-    """Load a resolved adapter (see :func:`load`)."""
+    """Load a resolved adapter (see :func:`load`); ``depth``: adapters continued from adapters so far."""
     from safetensors.torch import load_file
 
     from surgery.recipe import load_recipe
@@ -242,7 +261,7 @@ def load_folder(
         raise AdapterError(f"{where}: recipe: {err}") from None
     if fingerprint is not None and re.fullmatch(FINGERPRINT, fingerprint) is None:
         raise AdapterError(f"fingerprint={fingerprint[:20]!r}: expected 'sha256:' and 64 hex digits")
-    model, supplied = _base_from(config, base, token=token, where=where)
+    model, supplied = _base_from(config, base, token=token, where=where, depth=depth)
     got = fingerprint_of(model)
     if fingerprint is not None and got != fingerprint:  # the anchor the user trusts, checked first
         raise _wrong_base(config, got, fingerprint, supplied="fingerprint")
@@ -266,6 +285,42 @@ def load_folder(
     info["source"] = source.to_dict()
     model.adapter_info = info  # type: ignore[assignment] - provenance for callers (surgery.json + where it came from)
     return Loaded(model, plans[0], config, base_state, source)
+
+
+def load_chained(
+    ref: str | Path, *, checkpoint: str | Path | None = None, depth: int = 1, where: str = "model.adapter"
+) -> nn.Module:
+    """The model a recipe's ``model.adapter`` continues from: the adapter ``ref`` loaded as :func:`load` does (its
+    base rebuilt and fingerprint-checked; ``checkpoint``: the base's local checkpoint when it names one), in train
+    mode for the trainer to plan on. Only adapters with ``surgery.json`` (runs and adapter folders) can be continued.
+    """
+    try:
+        source = resolve(ref)
+    except AdapterError as err:
+        raise AdapterError(f"{where}: {err}") from None
+    if not (source.folder / CONFIG_FILE).is_file():
+        raise AdapterError(
+            f"{where}: {ref} has no {CONFIG_FILE}, so the base it was made on is unknown; continue from an adapter "
+            "or run folder of surgery, or start from the base (model.name) and load PEFT weights with surgery.load"
+        )
+    return continuable(load_folder(source, base=checkpoint, depth=depth).model)
+
+
+def continuable(model: nn.Module) -> nn.Module:
+    """A loaded adapter's model made ready for a new recipe to plan on (in place; train mode).
+
+    Planning starts from the model's ``requires_grad`` and norm classes: as loaded they are the old recipe's (a linear
+    probe's frozen backbone and BatchNorms), which would silently keep a full fine-tune frozen. So they become what a
+    freshly built model has, and this recipe decides. A model carrying LoRA keeps PEFT's frozen base: the new plan
+    continues its LoRA layers.
+    """
+    from surgery import lora, norms
+
+    if lora.peft_of(model) is None:
+        norms.thaw(model)
+        for param in model.parameters():
+            param.requires_grad_(True)
+    return model.train()
 
 
 def load(

@@ -225,9 +225,11 @@ def save_adapter(
                 "save_adapter: a recipe with several train.stages needs the base to replay them; give the recipe a "
                 "model: section"
             )
-        from surgery.models import build_model
+        from surgery.models import build_model, build_recipe_model
 
-        if ref is not None and str(ref["model"]).startswith(HF_HUB):  # timm's own hub download would bypass ours
+        if located.model.adapter is not None:  # continued from an adapter: loading it gives the structure
+            layout = build_recipe_model(located.model, where="save_adapter: model")
+        elif ref is not None and str(ref["model"]).startswith(HF_HUB):  # timm's own hub download would bypass ours
             layout = build_base({**ref, "pretrained": False, "checkpoint": None}, token=token, where="save_adapter")
         else:
             layout = build_model(located.model, meta=True)  # the structure only: the meta device is enough

@@ -44,11 +44,22 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    """Which model to build when the recipe is run from the command line."""
+    """Which model to build when the recipe is run from the command line: a model (`name`), or a trained adapter to
+    continue from (`adapter`)."""
 
-    name: str = Field(
+    name: str | None = Field(
+        None,
         description="timm model name (`resnet50`), `hf-hub:org/name[@rev]`, `local-dir:/path` (timm's own references) "
-        "or `torchvision:resnet18` for a torchvision classification model.",
+        "or `torchvision:resnet18` for a torchvision classification model. Required unless `adapter` is set.",
+    )
+    adapter: str | None = Field(
+        None,
+        description="Continue training from an adapter: a folder (a run's output or an adapter folder; relative to "
+        "the recipe file) or `hf-hub:org/name[@rev]`. The model is the adapter loaded onto the base it records "
+        "(`surgery.load`, fingerprint checked), with its heads, LoRA layers and data config; this recipe's surgery "
+        "and training continue from there. The new adapter records this one (pinned to its commit) as its base. Not "
+        "with `name`, `pretrained` or `kwargs`; `checkpoint` is then the base's local checkpoint when the adapter "
+        "names one.",
     )
     pretrained: bool = Field(False, description="Load the pretrained weights timm knows for this reference.")
     checkpoint: str | None = Field(
@@ -61,6 +72,28 @@ class ModelSpec(_Section):
         default_factory=dict,
         description="Extra arguments for `timm.create_model`, such as `img_size`, `drop_rate` or `in_chans`.",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if self.adapter is None:
+            if self.name is None:
+                raise ValueError("'name' is required: a timm model name, or set 'adapter' to continue from one")
+            return self
+        if self.name is not None:
+            raise ValueError(
+                "set either 'name' (a model) or 'adapter' (continue from a trained adapter), not both; the adapter "
+                "records its base"
+            )
+        if self.pretrained or self.kwargs:
+            raise ValueError(
+                "'adapter' builds the base it records: remove 'pretrained' and 'kwargs' (they belong to a 'name')"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """What the model is, for messages and folder names: the name, or ``adapter:REF``."""
+        return self.name if self.name is not None else f"adapter:{self.adapter}"
 
 
 class LayerRange(_Section):

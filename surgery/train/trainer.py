@@ -80,7 +80,7 @@ def default_output_dir(recipe: LoadedRecipe) -> Path:
     if recipe.train.output_dir:
         return Path(recipe.train.output_dir)
     stem = Path(recipe.source).stem if not recipe.source.startswith("<") else None
-    return run_folder.default_output_dir(recipe.model.name if recipe.model else None, stem)
+    return run_folder.default_output_dir(recipe.model.label if recipe.model else None, stem)
 
 
 def train(
@@ -537,7 +537,7 @@ class Trainer:
         outputs = _classifier_outputs(self.model)
         if outputs is None or outputs == n or (outputs == 1 and n == 2):  # one logit: binary cross-entropy
             return
-        name = self.recipe.model.name if self.recipe.model else type(self.model).__name__
+        name = self.recipe.model.label if self.recipe.model else type(self.model).__name__
         raise HeadError(
             f"{self.recipe.where('model')}: {name}'s classifier has {outputs} outputs but {source} has {n} classes; "
             f"add a head sized from the data (surgery.heads.classifier: {{}}), or build the model with "
@@ -550,10 +550,11 @@ class Trainer:
             return self.user_model
         if self.recipe.model is None:
             raise RecipeError(f"{self.recipe.source}: the recipe has no model: add model.name, or pass model=")
-        from surgery.models import build_model
+        from surgery.models import build_recipe_model
 
         where = self.recipe.where("model")
-        return build_model(self.recipe.model, where=where)  # paths are absolute after load_recipe (surgery.paths)
+        # paths are absolute after load_recipe (surgery.paths); model.adapter loads that adapter onto its base
+        return build_recipe_model(self.recipe.model, where=where)
 
     def _build_data(self) -> None:
         spec, data, acc = self.spec, self.recipe.data, self.acc
@@ -701,7 +702,7 @@ class Trainer:
         r = self.recipe
         assert self.acc is not None
         return {
-            "model": r.model.name if r.model else type(self.model).__name__,
+            "model": r.model.label if r.model else type(self.model).__name__,
             "optim": r.optim.name,
             "lr": r.optim.lr,
             "batch_size": self.spec.batch_size,
@@ -1210,7 +1211,7 @@ class Trainer:
             (out / run_folder.CLASSES).write_text(json.dumps(self.class_names, indent=1))
         (out / run_folder.METRICS).write_text(json.dumps(metrics, indent=1))
         if self.state.history:
-            model = self.recipe.model.name if self.recipe.model else type(self.model).__name__
+            model = self.recipe.model.label if self.recipe.model else type(self.model).__name__
             best = self.state.best["epoch"] if self.state.best else None
             run_folder.plot(self.state.history, out / run_folder.CURVE, title=f"{out.name}: {model}", best=best)
         if self.recipe.model is None:
