@@ -191,6 +191,22 @@ def _mixed_batch_ok(peft_model: nn.Module, names: Sequence[str]) -> bool:
     return True
 
 
+def _drop_routing_hooks(model: nn.Module) -> None:
+    """Remove PEFT's ``adapter_names`` routing hooks left behind by a mixed-batch forward that raised.
+
+    PEFT 0.21's ``LoraModel._enable_peft_forward_hooks`` removes them after its ``yield`` without ``try/finally``, so
+    when the forward raises (its own refusal, e.g. Swin's windows) they stay and every later forward would still route
+    rows by the old ``adapter_names``. Matching PEFT's hook function keeps every other hook.
+    """
+    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+
+    for module in model.modules():
+        hooks = module._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if getattr(h, "func", None) is _adapter_names_pre_forward_hook]:
+            del hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
 def run_lora(
     multi: nn.Module, x: torch.Tensor, names: Sequence[str], *, mixed: bool = True
 ) -> tuple[dict[str, torch.Tensor], bool]:
@@ -213,6 +229,7 @@ def run_lora(
                 out = peft_model(x.repeat(len(names), *([1] * (x.ndim - 1))), adapter_names=routed)
             return {name: out[i * n : (i + 1) * n] for i, name in enumerate(names)}, True
         except (ValueError, TypeError, RuntimeError) as err:  # PEFT's refusals; the fallback gives the same result
+            _drop_routing_hooks(peft_model)
             log.info("predict: PEFT mixed-batch inference does not apply (%s); switching adapters", str(err)[:200])
     current = multi.active
     out = {}

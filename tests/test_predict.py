@@ -209,3 +209,32 @@ def test_named_adapters_and_the_table(made: Path, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["image", "adapter", "top", "classes"] and len(lines) == 3
     assert lines[1].split()[1:3] == ["first", lines[2].split()[2]] and lines[2].split()[1] == "second"
+
+
+def test_where_peft_refuses_a_mixed_batch_adapters_switch_with_the_same_result(tmp_path: Path) -> None:
+    """Swin's window attention calls qkv with windows, not images: PEFT refuses the mixed batch (and, in 0.21, leaves
+    its routing hooks behind on the way out: surgery.predict removes them)."""
+    from surgery import lora
+    from surgery.predict import run_lora
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4}
+    base = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=3, **kwargs).eval()
+    for name in ("one", "two"):
+        model = lora.inject(
+            copy.deepcopy(base), {"targets": "layers.*.blocks.*.attn.qkv", "rank": 2}, heads=["head.fc"]
+        )
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if ".lora_B." in pname:
+                    param.normal_()
+        lora.save_peft(model, tmp_path / name, base_name="swin")
+    multi = lora.load_peft(copy.deepcopy(base), {"one": tmp_path / "one", "two": tmp_path / "two"})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    out, was_mixed = run_lora(multi, x, ["one", "two"])
+    assert not was_mixed
+    for name in ("one", "two"):
+        alone = lora.load_peft(copy.deepcopy(base), tmp_path / name).eval()
+        with torch.no_grad():
+            assert torch.allclose(out[name], alone(x), atol=1e-5)
+            assert torch.allclose(multi.use(name)(x), alone(x), atol=1e-5)  # no routing hook left behind
