@@ -73,6 +73,10 @@ class _Member:
     config: Any = None  # AdapterConfig, None for a folder PEFT saved
     data: dict[str, Any] = field(default_factory=dict)  # timm data config
     model: nn.Module | None = None  # the adapter's own model (one adapter, or a non-LoRA one)
+    key: str = ""  # its name in the MultiAdapterModel (LoRA adapters sharing the base), else its name
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
 
     @property
     def class_names(self) -> list[str]:
@@ -80,9 +84,6 @@ class _Member:
             return list(self.config.class_names)
         info = getattr(self.model, "adapter_info", None) or {}
         return list(info.get("class_names") or [])
-
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def _named(adapters: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]) -> dict[str, str]:
@@ -288,20 +289,20 @@ def predict(
         raise AdapterError(f"fingerprint={fingerprint[:20]!r}: expected 'sha256:' and 64 hex digits")
     paths = _check_images(images)
     named = _named(adapters)
+    if not paths:
+        return []
     members = []
     for name, ref in named.items():
-        if _NAME.fullmatch(name) is None:
-            raise AdapterError(f"adapter name {name!r} ({ref}): use letters, digits, '_' or '-'; name it NAME=REF")
         source = resolve(ref, token=token)
         config = read_config(source.folder) if (source.folder / CONFIG_FILE).is_file() else None
         members.append(_Member(name, ref, source.folder, (source.folder / PEFT_FILES[0]).is_file(), config))
     _check_same_base(members)
 
-    if len(members) == 1:  # one adapter: exactly `surgery load A --predict`
+    multi = None
+    if len(members) == 1 and members[0].config is not None:  # one adapter: exactly `surgery load A --predict`
         only = members[0]
         only.model = load(only.ref, base=base, fingerprint=fingerprint, token=token)
         only.data = _data_config(only.model, None)
-        multi = None
     else:
         model = _build_base(members, base, token=token)
         got = fingerprint_of(model)
@@ -312,8 +313,12 @@ def predict(
             if m.config is not None and m.config.base.fingerprint != got:
                 supplied = "model" if isinstance(base, nn.Module) else "reference" if base is not None else "recorded"
                 raise _wrong_base(m.config, got, m.config.base.fingerprint, supplied=supplied)
+        # PEFT finds an adapter's tensors by its name inside parameter names: fixed-width keys of our own (never a
+        # prefix of another, never part of "lora_"), so that any display name (a folder's, NAME=REF) is safe.
         loras = [m for m in members if m.lora]
-        multi = load_adapters(model, {m.name: m.folder for m in loras}) if loras else None
+        for i, m in enumerate(loras):
+            m.key = f"task{i:04d}"
+        multi = load_adapters(model, {m.key: m.folder for m in loras}) if loras else None
         for m in members:
             if m.lora:
                 m.data = _data_config(model, m.config)
@@ -332,15 +337,15 @@ def predict(
         for key, group in groups.items():
             x = torch.stack([transforms[key](img) for img in decoded])
             logits: dict[str, torch.Tensor] = {}
-            lora_names = [m.name for m in group if m.model is None]
-            if lora_names:
-                logits.update(run_lora(multi, x, lora_names, mixed=mixed)[0])
+            shared = [m.key for m in group if m.model is None]
+            if shared:
+                logits.update(run_lora(multi, x, shared, mixed=mixed)[0])
             for m in group:
                 if m.model is not None:
                     with torch.no_grad():
-                        logits[m.name] = m.model(x)
+                        logits[m.key] = m.model(x)
             for m in group:
-                for path, row in zip(batch, _top(logits[m.name], m.class_names, top), strict=True):
+                for path, row in zip(batch, _top(logits[m.key], m.class_names, top), strict=True):
                     found[(path, m.name)] = row
     return [Prediction(path, m.name, found[(path, m.name)]) for path in paths for m in members]
 

@@ -204,11 +204,11 @@ def test_bad_input_is_one_line_exit_2(made: Path, capsys) -> None:
 
 def test_named_adapters_and_the_table(made: Path, capsys) -> None:
     argv = ["predict", str(made / "img0.png"), "--base", str(made / "base.safetensors"), "--top", "1"]
-    argv += ["--adapter", f"first={made / 'cats'}", "--adapter", f"second={made / 'cats'}"]
+    argv += ["--adapter", f"a={made / 'cats'}", "--adapter", f"pets.v2={made / 'cats'}"]  # any display name
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["image", "adapter", "top", "classes"] and len(lines) == 3
-    assert lines[1].split()[1:3] == ["first", lines[2].split()[2]] and lines[2].split()[1] == "second"
+    assert lines[1].split()[1:3] == ["a", lines[2].split()[2]] and lines[2].split()[1] == "pets.v2"
 
 
 def test_where_peft_refuses_a_mixed_batch_adapters_switch_with_the_same_result(tmp_path: Path) -> None:
@@ -238,3 +238,35 @@ def test_where_peft_refuses_a_mixed_batch_adapters_switch_with_the_same_result(t
         with torch.no_grad():
             assert torch.allclose(out[name], alone(x), atol=1e-5)
             assert torch.allclose(multi.use(name)(x), alone(x), atol=1e-5)  # no routing hook left behind
+
+
+def test_a_folder_peft_saved_joins_lora_runs_on_the_given_base(made: Path, tmp_path: Path) -> None:
+    from timm.data import create_transform, resolve_data_config
+
+    from surgery import lora
+
+    base = _base()
+    model = copy.deepcopy(base)
+    model.reset_classifier(2)
+    model = lora.inject(model, {"targets": "blocks.*.attn.qkv", "rank": 2}, heads=["head"])
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if ".lora_B." in pname:
+                param.normal_()
+    lora.save_peft(model, tmp_path / "plain", base_name="test_vit")
+    images = _images(made)
+    found = surgery.predict(images, [made / "cats", tmp_path / "plain"], base=made / "base.safetensors", top=2)
+    alone = surgery.load(tmp_path / "plain", base=base)  # what `surgery load plain --base ... --predict` runs
+    x = torch.stack(
+        [create_transform(**resolve_data_config({}, model=alone))(Image.open(i).convert("RGB")) for i in images]
+    )
+    with torch.no_grad():
+        probs = alone(x).softmax(-1)
+    rows = [p for p in found if p.adapter == "plain"]
+    assert [[c.index for c in p.top] for p in rows] == probs.topk(2).indices.tolist()
+    assert np.allclose([[c.prob for c in p.top] for p in rows], probs.topk(2).values.tolist(), atol=1e-5)
+    assert [c.name for c in rows[0].top] == [str(c.index) for c in rows[0].top]  # PEFT records no class names
+    with pytest.raises(AdapterError, match="names its base without weights or fingerprint; pass the base"):
+        surgery.predict(images, [tmp_path / "plain"])
+    with pytest.raises(AdapterError, match="is not the trusted"):
+        surgery.predict(images, [tmp_path / "plain"], base=base, fingerprint="sha256:" + "1" * 64)
