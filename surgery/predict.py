@@ -312,7 +312,9 @@ def predict(
         for m in members:
             if m.config is not None and m.config.base.fingerprint != got:
                 supplied = "model" if isinstance(base, nn.Module) else "reference" if base is not None else "recorded"
-                raise _wrong_base(m.config, got, m.config.base.fingerprint, supplied=supplied)
+                raise AdapterError(
+                    f"adapter {m.name}: {_wrong_base(m.config, got, m.config.base.fingerprint, supplied=supplied)}"
+                )
         # PEFT finds an adapter's tensors by its name inside parameter names: fixed-width keys of our own (never a
         # prefix of another, never part of "lora_"), so that any display name (a folder's, NAME=REF) is safe.
         loras = [m for m in members if m.lora]

@@ -187,6 +187,7 @@ def test_bad_input_is_one_line_exit_2(made: Path, capsys) -> None:
         ([str(made / "img0.png"), *base], "the following arguments are required: --adapter"),
         ([str(made / "img0.png"), *two, "--adapter", str(made / "cats"), *base], "both named 'cats'"),
         ([str(made / "img0.png"), *two, *base, "--fingerprint", "sha256:" + "0" * 64], "not the trusted"),
+        ([str(made / "img0.png"), *two, "--base", str(made / "other.safetensors")], "other.safetensors has sha256"),
     ]
     for argv, message in cases:
         assert main(["predict", *argv]) == 2, message
@@ -194,6 +195,11 @@ def test_bad_input_is_one_line_exit_2(made: Path, capsys) -> None:
         assert err.startswith("surgery: error: ") and message in err and err.count("\n") == 1, err
     with pytest.raises(AdapterError, match=r"fingerprints sha256:[0-9a-f]{12}\.\.\. and sha256:"):
         surgery.predict([made / "img0.png"], [made / "cats", made / "stranger"], base=made / "base.safetensors")
+    other = _base()
+    with torch.no_grad():
+        other.blocks[0].attn.qkv.weight.add_(1)
+    with pytest.raises(AdapterError, match="^adapter cats: wrong base model: the base model you passed"):
+        surgery.predict([made / "img0.png"], [made / "cats", made / "dogs"], base=other)
     with pytest.raises(DataError):
         surgery.predict([made / "broken.png"], [made / "cats"], base=made / "base.safetensors")
     with pytest.raises(RecipeError):
