@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="REF", help="the base, as for `surgery load --base`")
     p.add_argument("--fingerprint", metavar="SHA256", help="the base fingerprint you trust, as for `surgery load`")
     p.add_argument("--top", type=int, default=3, help="classes shown per image and adapter (default 3)")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {image, adapter, top: [{class, prob}]}")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON list of {image, adapter, top: [{class, index, prob}]}"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -277,6 +279,8 @@ def _adapter_refs(items: Sequence[str]) -> dict[str, str] | list[str]:
         name, sep, ref = item.partition("=")
         if not sep or Path(item).exists():
             name, ref = item.rstrip("/").split("/")[-1].split("@")[0], item
+        if not name or not ref:
+            raise RecipeError(f"--adapter {item}: expected NAME=REF with both parts, e.g. pets=runs/pets")
         if name in named:
             raise RecipeError(f"--adapter {item}: the name {name!r} is taken; name each adapter once (NAME=REF)")
         named[name] = ref

@@ -186,6 +186,7 @@ def test_bad_input_is_one_line_exit_2(made: Path, capsys) -> None:
         ([str(made / "img0.png"), *two, *base, "--batch-size", "0"], "batch size must be at least 1"),
         ([str(made / "img0.png"), *base], "the following arguments are required: --adapter"),
         ([str(made / "img0.png"), *two, "--adapter", str(made / "cats"), *base], "both named 'cats'"),
+        ([str(made / "img0.png"), *two, "--adapter", f"={made / 'cats'}", *base], "expected NAME=REF with both parts"),
         ([str(made / "img0.png"), *two, *base, "--fingerprint", "sha256:" + "0" * 64], "not the trusted"),
         ([str(made / "img0.png"), *two, "--base", str(made / "other.safetensors")], "other.safetensors has sha256"),
     ]
