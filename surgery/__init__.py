@@ -76,6 +76,8 @@ _EXPORTS: dict[str, str] = {
     "train": "surgery.train",
     "EvalResult": "surgery.metrics",
     "evaluate": "surgery.evaluation",
+    "Prediction": "surgery.predict",
+    "predict": "surgery.predict",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -125,6 +127,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from surgery.metrics import EvalResult  # noqa: F401
     from surgery.models import build_model  # noqa: F401
     from surgery.plan import HeadChange, NormChange, ParamPlan, Plan, plan  # noqa: F401
+    from surgery.predict import Prediction, predict  # noqa: F401
     from surgery.recipe import (  # noqa: F401
         DataSpec,
         HeadSpec,

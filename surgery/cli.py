@@ -110,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="classes shown per image with --predict (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    p = sub.add_parser("predict", help="classify images with one or several adapters; LoRA adapters share one base")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="[NAME=]REF",
+        help="adapter folder or hf-hub:ORG/NAME[@REV], repeatable; all on one base (named by the last path part)",
+    )
+    p.add_argument("--base", metavar="REF", help="the base, as for `surgery load --base`")
+    p.add_argument("--fingerprint", metavar="SHA256", help="the base fingerprint you trust, as for `surgery load`")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image and adapter (default 3)")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON list of {image, adapter, top: [{class, index, prob}]}"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     p = sub.add_parser("eval", help="score a trained model on labelled images: top-1/5, per class, confusion matrix")
     p.add_argument(
         "source",
@@ -249,6 +267,38 @@ def cmd_load(args: argparse.Namespace) -> int:
     print(describe(model.adapter_info))
     for line in predict(model, args.predict or [], top=args.top):
         print(line)
+    return 0
+
+
+def _adapter_refs(items: Sequence[str]) -> dict[str, str] | list[str]:
+    """``--adapter [NAME=]REF`` values: a mapping when any is named, else the references."""
+    if not any("=" in item and not Path(item).exists() for item in items):
+        return list(items)
+    named: dict[str, str] = {}
+    for item in items:
+        name, sep, ref = item.partition("=")
+        if not sep or Path(item).exists():
+            name, ref = item.rstrip("/").split("/")[-1].split("@")[0], item
+        if not name or not ref:
+            raise RecipeError(f"--adapter {item}: expected NAME=REF with both parts, e.g. pets=runs/pets")
+        if name in named:
+            raise RecipeError(f"--adapter {item}: the name {name!r} is taken; name each adapter once (NAME=REF)")
+        named[name] = ref
+    return named
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from surgery.predict import predict, table
+
+    found = predict(
+        args.images,
+        _adapter_refs(args.adapter),
+        base=args.base,
+        fingerprint=args.fingerprint,
+        top=args.top,
+        batch_size=args.batch_size,
+    )
+    print(json.dumps([p.to_dict() for p in found], indent=2) if args.json else table(found))
     return 0
 
 
@@ -412,6 +462,7 @@ COMMANDS["train"] = cmd_train
 COMMANDS.update({"push": cmd_push, "merge": cmd_merge, "load": cmd_load})
 COMMANDS["convert"] = cmd_convert
 COMMANDS["eval"] = cmd_eval
+COMMANDS["predict"] = cmd_predict
 COMMANDS["lr-find"] = cmd_lr_find
 
 
