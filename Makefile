@@ -31,7 +31,7 @@ docs: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q
+	HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/plan.py
