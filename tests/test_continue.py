@@ -156,6 +156,11 @@ def test_a_lora_run_continued_from_the_hub_loads_from_the_hub_and_in_peft(
     assert saved["base"]["adapter_revision"] == head  # pinned to the commit it continued from
     assert saved["base"]["model"] == "hf-hub:alice/base-net" and saved["base"]["revision"] == one["base"]["revision"]
     assert saved["tensors"] and all(".lora_" in n or ".modules_to_save." in n for n in saved["tensors"])
+    # the commit recorded is the one the run loaded at its start (kept on the model), not resolved again at the end
+    from surgery.adapter.base import base_ref
+
+    started = {"source": {"ref": "hf-hub:alice/lora-1", "revision": "0" * 40}, "base": one["base"]}
+    assert base_ref(load_recipe(second), token=None, loaded=started)["adapter_revision"] == "0" * 40
     card = (tmp_path / "two" / "README.md").read_text()
     assert "library_name: peft" in card and "base_model: alice/base-net" in card
 

@@ -24,17 +24,18 @@ def checkpoint_path(recipe: Any) -> Path | None:
     return Path(absolute(spec.checkpoint))
 
 
-def base_ref(recipe: Any, *, token: str | None) -> dict[str, Any]:
+def base_ref(recipe: Any, *, token: str | None, loaded: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``surgery.json: base`` (without the fingerprint) for a recipe's ``model:`` section.
 
     A hub base is recorded with the commit its revision resolves to now. A local checkpoint is recorded by file name
     and sha256, never by its path: the path means nothing on another machine and tells strangers about this one.
+    ``loaded``: the ``adapter_info`` of the model a ``model.adapter`` run started from (see :func:`_adapter_base_ref`).
     """
     from surgery.hub import client as hub
 
     spec = recipe.model
     if spec.adapter is not None:
-        return _adapter_base_ref(spec.adapter, token=token)
+        return _adapter_base_ref(spec.adapter, token=token, loaded=loaded)
     checkpoint = checkpoint_path(recipe)
     revision = None
     if spec.name.startswith(HF_HUB):
@@ -63,20 +64,29 @@ def base_ref(recipe: Any, *, token: str | None) -> dict[str, Any]:
     return ref
 
 
-def _adapter_base_ref(ref: str, *, token: str | None) -> dict[str, Any]:
+def _adapter_base_ref(ref: str, *, token: str | None, loaded: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``surgery.json: base`` of an adapter continued from ``ref`` (recipe ``model.adapter``): the base that adapter
-    records (so the card and PEFT name the real base model), plus the adapter itself: a hub repo pinned to the commit
-    it resolves to now, or a local folder by name only (whoever loads needs that folder: ``--base``)."""
+    records (so the card and PEFT name the real base model), plus the adapter itself: a hub repo pinned to its commit,
+    or a local folder by name only (whoever loads needs that folder: ``--base``).
+
+    ``loaded`` is the ``adapter_info`` of the model training started from: its record and the commit it was read at,
+    so the commit recorded is the one trained on, not whatever an unpinned reference resolves to at the end. Without
+    it (a Python API caller) the adapter is resolved again.
+    """
     from surgery.adapter.format import read_config
     from surgery.adapter.load import resolve
     from surgery.hub import client as hub
 
-    source = resolve(ref, token=token)
-    inner = read_config(source.folder).base.model_dump()
+    source = (loaded or {}).get("source") or {}
+    if loaded is not None and source.get("ref") == ref and isinstance(loaded.get("base"), Mapping):
+        inner, revision = dict(loaded["base"]), source.get("revision")
+    else:
+        resolved = resolve(ref, token=token)
+        inner, revision = read_config(resolved.folder).base.model_dump(), resolved.revision
     inner.pop("fingerprint", None)
     if ref.startswith(HF_HUB):
         repo_id, _ = hub.parse_ref(ref)
-        return {**inner, "adapter": f"{HF_HUB}{repo_id}", "adapter_revision": source.revision}
+        return {**inner, "adapter": f"{HF_HUB}{repo_id}", "adapter_revision": revision}
     return {**inner, "adapter": Path(ref).resolve().name, "adapter_revision": None, "reproducible": False}
 
 

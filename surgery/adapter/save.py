@@ -185,7 +185,8 @@ def save_adapter(
     folder = Path(folder)
     # The model section is the same in every stage's recipe; the plan's knows where relative paths start.
     located = the_plan.recipe if the_plan.recipe.model is not None else recipe
-    ref = base_ref(located, token=token) if located.model is not None else None
+    started = getattr(model, "adapter_info", None)  # model.adapter: what training started from, as it was loaded
+    ref = base_ref(located, token=token, loaded=started) if located.model is not None else None
     base_state: Mapping[str, torch.Tensor] | None = None
     base_model: nn.Module | None = None
     if isinstance(base, str):
