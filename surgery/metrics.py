@@ -105,6 +105,16 @@ class Prediction:
         return self.target == self.predicted
 
 
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Per-class probabilities of a batch of logits ``(N, C)``: a softmax, or for a one-logit (binary cross-entropy)
+    model ``(N, 1)`` the two classes ``[1 - sigmoid, sigmoid]`` (a softmax over one logit would always say 1.0).
+    Evaluation and prediction both read probabilities here."""
+    if logits.shape[-1] == 1:
+        p1 = torch.sigmoid(logits.float().reshape(-1))
+        return torch.stack([1 - p1, p1], 1)
+    return logits.float().softmax(-1)
+
+
 class MetricsAccumulator:
     """Feed ``update(logits, targets)`` batch by batch, then ``compute()``; batch order and size do not matter.
 
@@ -186,15 +196,14 @@ class MetricsAccumulator:
         if int(targets.min()) < 0 or int(targets.max()) >= c:
             bad = int(targets[(targets < 0) | (targets >= c)][0])
             raise DataError(f"target class {bad} is outside the model's {c} classes (0..{c - 1}); check the labels")
+        probs = class_probabilities(logits)
         if binary:
             flat = logits.reshape(-1)
             loss = F.binary_cross_entropy_with_logits(flat.double(), targets.double(), reduction="none")
-            p1 = torch.sigmoid(flat)
-            probs = torch.stack([1 - p1, p1], 1)
             score = torch.stack([torch.zeros_like(flat), flat], 1)  # class 1 iff logit > 0 (not a rounded sigmoid)
         else:
             loss = F.cross_entropy(logits.double(), targets, reduction="none")
-            probs, score = logits.softmax(1), logits
+            score = logits
         # A stable sort breaks ties towards the lower index, as argmax does: the prediction, the top-k and the
         # confusion matrix agree even for an untrained zero-initialised head whose logits are all equal.
         order = score.sort(dim=1, descending=True, stable=True).indices[:, : min(TOPK, c)]

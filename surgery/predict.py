@@ -244,7 +244,9 @@ def run_lora(
 
 
 def _top(logits: torch.Tensor, names: Sequence[str], top: int) -> list[tuple[ClassProb, ...]]:
-    probs = logits.float().softmax(-1)
+    from surgery.metrics import class_probabilities
+
+    probs = class_probabilities(logits)
     values, indices = probs.topk(min(top, probs.shape[-1]), dim=-1)
     return [
         tuple(

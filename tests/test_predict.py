@@ -277,3 +277,22 @@ def test_a_folder_peft_saved_joins_lora_runs_on_the_given_base(made: Path, tmp_p
         surgery.predict(images, [tmp_path / "plain"])
     with pytest.raises(AdapterError, match="is not the trusted"):
         surgery.predict(images, [tmp_path / "plain"], base=base, fingerprint="sha256:" + "1" * 64)
+
+
+def test_a_one_logit_binary_model_predicts_both_classes_by_sigmoid(tmp_path: Path) -> None:
+    """A softmax over one logit is always 1.0: prediction (both commands) reads sigmoid probabilities instead."""
+    import timm
+    from PIL import Image
+
+    from surgery.adapter import predict as load_predict
+    from surgery.predict import _top
+
+    model = timm.create_model("test_resnet", num_classes=1).eval()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.fill_(2.0)  # every image: logit 2, P(pos) = sigmoid(2) = 0.881
+    model.adapter_info = {"class_names": ["neg", "pos"]}
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "x.png")
+    assert load_predict(model, [tmp_path / "x.png"], top=2) == [f"{tmp_path / 'x.png'}: pos (0.881), neg (0.119)"]
+    ((best, other),) = _top(torch.tensor([[2.0]]), ["neg", "pos"], 2)
+    assert (best.name, best.index, round(best.prob, 3), other.name) == ("pos", 1, 0.881, "neg")

@@ -166,6 +166,8 @@ def predict(model: nn.Module, images: Sequence[str | Path], *, top: int = 3) -> 
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
+    from surgery.metrics import class_probabilities
+
     transform = create_transform(**resolve_data_config({}, model=model))
     names = (getattr(model, "adapter_info", None) or {}).get("class_names") or []
     lines = []
@@ -176,7 +178,7 @@ def predict(model: nn.Module, images: Sequence[str | Path], *, top: int = 3) -> 
         except OSError as err:
             raise AdapterError(f"{image}: cannot read the image ({err})") from None
         with torch.no_grad():
-            probs = model(x).softmax(-1)[0]
+            probs = class_probabilities(model(x))[0]
         values, indices = probs.topk(min(top, probs.numel()))
         shown = [
             f"{names[i] if i < len(names) else i} ({v:.3f})"
